@@ -1,0 +1,32 @@
+# make setup: create .venv from nothing (idempotent; quick when already done)
+# make test:  setup + the offline test suite
+# make demo:  setup + the embedded default pipeline on generated data, fully offline
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# every pip call goes through the constraints file: it pins torch==2.13.0 (the CPU wheel) and the tested stack
+PIP    := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
+STAMP  := $(VENV)/.setup-done
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup test demo clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -q --upgrade pip setuptools wheel
+	$(PIP) -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -q tests
+
+demo: setup
+	$(OFFLINE) $(VENV)/bin/align run recipes/tiny
+
+bench: setup
+	$(OFFLINE) $(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""From-scratch half of the suite: tokenizer, corpus preparation, the Llama model, pretraining, export."""
