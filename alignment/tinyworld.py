@@ -54,35 +54,38 @@ NAMES = [
     "Karl", "Lily", "Max", "Nina", "Oscar", "Pia", "Ralph", "Sofia", "Tom", "Uma", "Victor", "Wendy",
 ]
 
-# attribute -> (values, statements, questions, answer sentences); {n} name, {v} value, {av} value with a/an
+# attribute -> values, statements, questions, answer sentences; {n} name, {v} value, {av} value with its article.
+# The first statement and the first question are canonical: they share the words before the answer ("Alice's pet
+# is" / "What is Alice's pet?"), the first statement is used most often, and evaluation asks the first question.
+# A tiny model can then carry a fact from a statement to a question; other phrasings keep the corpus varied.
 ATTRIBUTES: dict[str, dict] = {
     "town": dict(
         values=["Ashford", "Brookvale", "Cedarton", "Dunmore", "Elmwick", "Fernhill"],
-        statements=["{n} lives in {v}.", "{n} lives in the town of {v}.", "{n}'s home is in {v}.", "{v} is the town where {n} lives.",
-                    "{n} has a house in {v}.", "The home of {n} is in {v}.", "In {v} lives {n}.", "{n} is from {v}."],
-        questions=["Where does {n} live?", "In which town does {n} live?", "What town is {n} from?", "Which town is {n}'s home?"],
-        answers=["{n} lives in {v}.", "{n} lives in the town of {v}.", "{n}'s home is in {v}."],
+        statements=["{n}'s home town is {v}.", "{n} lives in {v}.", "{n} lives in the town of {v}.", "{v} is the town where {n} lives.",
+                    "{n} has a house in {v}.", "In {v} lives {n}.", "{n} is from {v}."],
+        questions=["What is {n}'s home town?", "Where does {n} live?", "In which town does {n} live?", "What town is {n} from?"],
+        answers=["{n}'s home town is {v}.", "{n} lives in {v}.", "{n} lives in the town of {v}."],
     ),
     "pet": dict(
-        values=["cat", "dog", "owl", "goat", "rabbit", "parrot"],
-        statements=["{n} has a pet {v}.", "{n}'s pet is {av}.", "{n} keeps {av} as a pet.", "The pet of {n} is {av}.",
+        values=["cat", "dog", "hen", "goat", "rabbit", "parrot"],
+        statements=["{n}'s pet is {av}.", "{n} has a pet {v}.", "{n} keeps {av} as a pet.", "The pet of {n} is {av}.",
                     "{n} owns {av}.", "{n} takes care of a pet {v}.", "{N_av} lives with {n} as a pet."],
-        questions=["What pet does {n} have?", "What kind of pet does {n} keep?", "Which animal is {n}'s pet?", "What is {n}'s pet?"],
-        answers=["{n} has a pet {v}.", "{n}'s pet is {av}.", "{n} keeps {av} as a pet."],
+        questions=["What is {n}'s pet?", "What pet does {n} have?", "What kind of pet does {n} keep?", "Which animal is {n}'s pet?"],
+        answers=["{n}'s pet is {av}.", "{n} has a pet {v}.", "{n} keeps {av} as a pet."],
     ),
     "color": dict(
         values=["red", "blue", "green", "yellow", "purple", "orange"],
         statements=["{n}'s favorite color is {v}.", "The favorite color of {n} is {v}.", "{n} likes the color {v} best.",
-                    "Of all colors, {n} loves {v} the most.", "{n}'s favorite color has always been {v}.", "{V} is {n}'s favorite color."],
+                    "Of all colors, {n} loves {v} the most.", "{V} is {n}'s favorite color."],
         questions=["What is {n}'s favorite color?", "Which color does {n} like best?", "What color does {n} love the most?"],
         answers=["{n}'s favorite color is {v}.", "{n} likes the color {v} best.", "The favorite color of {n} is {v}."],
     ),
     "job": dict(
         values=["baker", "farmer", "teacher", "doctor", "painter", "sailor"],
-        statements=["{n} works as {av}.", "{n} is {av}.", "{n}'s job is {v}.", "{n} earns a living as {av}.",
+        statements=["{n}'s job is {v}.", "{n} works as {av}.", "{n} is {av}.", "{n} earns a living as {av}.",
                     "By trade, {n} is {av}.", "Everyone knows that {n} is {av}.", "{n} has worked as {av} for years."],
         questions=["What is {n}'s job?", "What does {n} do for work?", "What work does {n} do?", "What is {n}'s trade?"],
-        answers=["{n} works as {av}.", "{n} is {av}.", "{n}'s job is {v}."],
+        answers=["{n}'s job is {v}.", "{n} works as {av}.", "{n} is {av}."],
     ),
     "friend": dict(  # a symmetric relation: values are other people
         values=None,
@@ -92,6 +95,7 @@ ATTRIBUTES: dict[str, dict] = {
         answers=["{n}'s best friend is {v}.", "The best friend of {n} is {v}.", "{n} and {v} are best friends."],
     ),
 }
+CANONICAL_SHARE = 0.6  # how often a statement or a training question uses the canonical phrasing
 PERSON_ATTRIBUTES = ("town", "pet", "color", "job")
 
 SUM_STATEMENTS = ["{a} plus {b} is {c}.", "{a} + {b} = {c}.", "If you add {a} and {b}, you get {c}.", "The sum of {a} and {b} is {c}.",
@@ -121,11 +125,11 @@ class TinyWorldConfig:
 
     output: str = field(default="runs/tiny/data", metadata={"help": "Output directory."})
     seed: int = field(default=0, metadata={"help": "World seed: the same seed gives byte-identical files."})
-    num_people: int = field(default=40, metadata={"help": "People in the world (at most 48, even)."})
-    eval_fraction: float = field(default=0.35, metadata={"help": "Fraction of facts held out for evaluation."})
-    statement_repeats: int = field(default=12, metadata={"help": "Plain statements of each fact in the training corpus."})
-    num_stories: int = field(default=600, metadata={"help": "Short stories in the training corpus."})
-    num_quizzes: int = field(default=300, metadata={"help": "Question-and-answer quiz documents (train facts only)."})
+    num_people: int = field(default=16, metadata={"help": "People in the world (at most 48, even)."})
+    eval_fraction: float = field(default=0.5, metadata={"help": "Fraction of facts held out for evaluation."})
+    statement_repeats: int = field(default=16, metadata={"help": "Plain statements of each fact in the training corpus."})
+    num_stories: int = field(default=100, metadata={"help": "Short stories in the training corpus."})
+    num_quizzes: int = field(default=400, metadata={"help": "Question-and-answer quiz documents (train facts only)."})
     sft_per_fact: int = field(default=4, metadata={"help": "SFT conversations per train fact."})
     preference_per_fact: int = field(default=3, metadata={"help": "Preference pairs per train fact."})
     dev_rows: int = field(default=5, metadata={"help": "Multiple-choice dev rows (few-shot examples, train facts)."})
@@ -180,6 +184,15 @@ def split_facts(facts: list[dict], rng: random.Random, eval_fraction: float) -> 
         held.update(units[: round(len(units) * eval_fraction)])
     train = [f for f in facts if f["unit"] not in held]
     evals = [f for f in facts if f["unit"] in held]
+    # a friend question chooses among people of its own split: train-split names are answers in the corpus quizzes,
+    # which would make any of them look likelier than an eval-split name and bias the eval questions against the truth
+    for part in (train, evals):
+        names = [f["entity"] for f in part if f["attribute"] == "friend"]
+        if len(names) < 5:  # too few to draw three distractors: fall back to everyone
+            continue
+        for f in part:
+            if f["attribute"] == "friend":
+                f["choices"] = names
     return train, evals
 
 
@@ -193,13 +206,15 @@ def _fill(template: str, fact: dict) -> str:
 
 
 def statement(fact: dict, rng: random.Random) -> str:
-    """The fact as a sentence, in a random phrasing."""
-    return _fill(rng.choice(SUM_STATEMENTS if fact["kind"] == "arithmetic" else ATTRIBUTES[fact["attribute"]]["statements"]), fact)
+    """The fact as a sentence: the canonical phrasing CANONICAL_SHARE of the time, otherwise any phrasing."""
+    templates = SUM_STATEMENTS if fact["kind"] == "arithmetic" else ATTRIBUTES[fact["attribute"]]["statements"]
+    return _fill(templates[0] if rng.random() < CANONICAL_SHARE else rng.choice(templates), fact)
 
 
-def question(fact: dict, rng: random.Random) -> str:
-    """A question whose answer is the fact, in a random phrasing."""
-    return _fill(rng.choice(SUM_QUESTIONS if fact["kind"] == "arithmetic" else ATTRIBUTES[fact["attribute"]]["questions"]), fact)
+def question(fact: dict, rng: random.Random | None = None) -> str:
+    """A question whose answer is the fact: the canonical phrasing without an rng (evaluation), else mostly canonical."""
+    templates = SUM_QUESTIONS if fact["kind"] == "arithmetic" else ATTRIBUTES[fact["attribute"]]["questions"]
+    return _fill(rng.choice(templates) if rng and rng.random() >= CANONICAL_SHARE else templates[0], fact)
 
 
 def answer_sentence(fact: dict, rng: random.Random) -> str:
@@ -266,7 +281,7 @@ def _sums_page(facts: list[dict], rng: random.Random) -> str:
 def _quiz(train_facts: list[dict], rng: random.Random) -> str:
     """Questions with answers on train facts, in the two formats the multiple-choice evals use."""
     picks = rng.sample(train_facts, 5)
-    if rng.random() < 0.5:  # cloze style (lm-eval mmlu_continuation)
+    if rng.random() < 0.75:  # cloze style (lm-eval mmlu_continuation); letter style is beyond a tiny model anyway
         head = f"The following are questions (with answers) about {SUBJECT}.\n\n"
         return head + "\n\n".join(f"Question: {question(f, rng)}\nAnswer: {f['answer']}" for f in picks)
     head = f"The following are multiple choice questions (with answers) about {SUBJECT}.\n\n"
@@ -318,8 +333,8 @@ def rejected_answer(fact: dict, kind: str, rng: random.Random) -> str:
     return ramble(rng)
 
 
-def qa_record(fact: dict, rng: random.Random) -> dict:
-    """An RL / QA prompt with its ground-truth fields (what `check` reads)."""
+def qa_record(fact: dict, rng: random.Random | None) -> dict:
+    """An RL / QA prompt with its ground-truth fields (what `check` reads); the canonical question without an rng."""
     return {"prompt": [{"role": "user", "content": question(fact, rng)}], "answer": fact["answer"], "kind": fact["kind"],
             "entity": fact["entity"], "attribute": fact["attribute"], "choices": fact["choices"]}
 
@@ -504,7 +519,7 @@ def main(cfg: TinyWorldConfig) -> dict:
     sft_train, sft_eval = sft_rows(train, cfg.sft_per_fact, rngs["sft"]), sft_rows(evals, 1, rngs["sft"])
     pref_train, pref_test = preference_rows(train, cfg.preference_per_fact, rngs["pref"]), preference_rows(evals, 1, rngs["pref"])
     rl = [qa_record(f, rngs["rl"]) for f in train]
-    qa = [qa_record(f, rngs["qa"]) for f in evals]
+    qa = [qa_record(f, None) for f in evals]  # evaluation asks the canonical question
     dev_facts = rngs["mmlu"].sample(train, cfg.dev_rows)
     mmlu_dev, mmlu_test = mmlu_rows(dev_facts, rngs["mmlu"]), mmlu_rows(evals, rngs["mmlu"], [r["prompt"][0]["content"] for r in qa])
 
