@@ -145,7 +145,8 @@ def report_rows(models: dict[str, dict], stage_metrics: dict[str, dict]) -> dict
         for k in ("answer_accuracy", "answer_accuracy_stderr", "well_formed_rate"):
             if k in m:
                 row[k] = m[k]
-        row.update(_flat(stage_metrics.get(f"eval_{name}", {}).get("metrics", stage_metrics.get(f"eval_{name}", {}))))
+        rep = stage_metrics.get(f"eval_{name}", {})
+        row.update(_flat(rep.get("results", rep)))  # an `align eval` report keeps task -> metrics under "results"
         rows[name] = row
     return rows
 

@@ -64,3 +64,12 @@ def test_failing_stage_stops_the_run_with_its_error(tmp_path):
         main(str(rec), PipelineConfig(stages=["data"], output_dir=str(tmp_path / "runs"), from_stage="sft"))
     with pytest.raises(UserError, match="missing.yaml: not found"):
         main(str(rec), PipelineConfig(stages=["data", "sft_missing"], output_dir=str(tmp_path / "runs")))
+
+
+def test_report_rows_merge_answer_metrics_with_eval_reports():
+    from recipes.run import report_rows
+
+    rows = report_rows({"sft": {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "samples": []}},
+                       {"eval_sft": {"results": {"mmlu_tinyworld": {"acc": 0.6, "n": 80, "name": "x"}}}, "eval_base": {"results": {"ppl": {"bpb": 1.5}}}})
+    assert rows["sft"] == {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "mmlu_tinyworld/acc": 0.6, "mmlu_tinyworld/n": 80}
+    assert rows["base"] == {"ppl/bpb": 1.5}
