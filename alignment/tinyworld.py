@@ -111,6 +111,10 @@ RAMBLE_FILL = ["and so on and so on", "and the weather was nice that day", "whic
                "and then there is the matter of the river", "but that is another story", "and I could keep talking about this",
                "if you think about it for a while", "and many other things too"]
 
+EVASIVE = ["I am not sure.", "I do not know.", "Maybe, maybe not.", "That is hard to say.", "I cannot remember."]
+# how a rejected answer fails, and how often (relative weights); see preference_rows for why wrong facts are rare
+REJECTED_KINDS = {"wrong": 1, "rude": 2, "ramble": 2, "evasive": 2, "unfinished": 2}
+
 STORY_OPENINGS = ["One morning", "Last spring", "On a rainy day", "Early one evening", "Once upon a time", "One sunny afternoon"]
 
 
@@ -324,12 +328,17 @@ def ramble(rng: random.Random) -> str:
 
 
 def rejected_answer(fact: dict, kind: str, rng: random.Random) -> str:
-    """A clearly worse answer: a wrong fact, a rude refusal, or rambling that never answers."""
+    """A clearly worse answer: a wrong fact, a rude refusal, rambling that never answers, an evasion, or a
+    sentence cut off before the answer."""
     if kind == "wrong":
-        wrong = dict(fact, answer=wrong_value(fact, rng))
-        return answer_sentence(wrong, rng)
+        return answer_sentence(dict(fact, answer=wrong_value(fact, rng)), rng)
     if kind == "rude":
         return rng.choice(RUDE)
+    if kind == "evasive":
+        return rng.choice(EVASIVE)
+    if kind == "unfinished":
+        sentence = answer_sentence(fact, rng)
+        return sentence[: sentence.rindex(fact["answer"])].rstrip()
     return ramble(rng)
 
 
@@ -354,11 +363,15 @@ def sft_rows(facts: list[dict], per_fact: int, rng: random.Random) -> list[dict]
 
 
 def preference_rows(facts: list[dict], per_fact: int, rng: random.Random) -> list[dict]:
-    """Pairs on the same prompt: chosen correct and polite; rejected wrong (half), rude or rambling."""
+    """Pairs on the same prompt: chosen correct, polite and complete; rejected one of REJECTED_KINDS.
+
+    Wrong facts are one pair in nine: on held-out facts a tiny reward model ranks a wrong fact at chance (measured:
+    0.44 on 18 pairs, docs/benchmarks.md) while every failure of manner is learnt (1.0), so many more wrong-fact
+    pairs would cap held-out pair accuracy below the 0.9 the demo asks for."""
     rows = []
     for f in facts:
         for _ in range(per_fact):
-            kind = rng.choice(["wrong", "wrong", "rude", "ramble"])
+            kind = rng.choices(list(REJECTED_KINDS), weights=list(REJECTED_KINDS.values()))[0]
             rows.append({"prompt": [{"role": "user", "content": question(f, rng)}],
                          "chosen": [{"role": "assistant", "content": answer_sentence(f, rng)}],
                          "rejected": [{"role": "assistant", "content": rejected_answer(f, kind, rng)}],
@@ -389,7 +402,7 @@ def check(record: dict, response: str) -> bool:
     """True when `response` states the record's answer and no competing value of the same kind.
 
     Sums: the last number in the response is the answer. Attributes and relations: the answer is mentioned
-    (whole word, any case) and no other value of its set is (the asked-about person may be named)."""
+    (whole word, any case), and neither another value of its set nor a person other than the asked-about one is."""
     if not isinstance(response, str) or not response.strip():
         return False
     answer = str(record["answer"])
@@ -398,7 +411,8 @@ def check(record: dict, response: str) -> bool:
         return bool(nums) and nums[-1] == answer
     if not _mentions(response, answer):
         return False
-    others = [c for c in record.get("choices", []) if c not in (answer, record.get("entity"))]
+    # a competing value, or another person ("Bob lives in Ashford" does not answer where Alice lives)
+    others = [c for c in list(record.get("choices", [])) + NAMES if c not in (answer, record.get("entity"))]
     return not any(_mentions(response, c) for c in others)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignment.errors import UserError
-from alignment.tinyworld import (ATTRIBUTES, TinyWorldConfig, answer_accuracy, check, cli, main, read_jsonl, well_formed)
+from alignment.tinyworld import (ATTRIBUTES, REJECTED_KINDS, TinyWorldConfig, answer_accuracy, check, cli, main, read_jsonl, well_formed)
 
 FILES = ["corpus/train.jsonl", "corpus/heldout.jsonl", "sft/train.jsonl", "sft/eval.jsonl", "preference/train.jsonl",
          "preference/test.jsonl", "rl/prompts.jsonl", "qa/test.jsonl", "mmlu/dev/tinyworld_dev.csv", "mmlu/test/tinyworld_test.csv",
@@ -111,7 +111,7 @@ def test_formats_match_the_layout(world_dir):
         assert r["chosen"][0]["role"] == r["rejected"][0]["role"] == "assistant"
         assert r["chosen"][0]["content"] != r["rejected"][0]["content"]
         kinds.add(r["rejected_kind"])
-    assert kinds == {"wrong", "rude", "ramble"}
+    assert kinds == set(REJECTED_KINDS)
     rows = list(csv.reader(open(world_dir / "mmlu/test/tinyworld_test.csv", newline="")))
     assert rows[0] == ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
     qa = read_jsonl(world_dir / "qa/test.jsonl")
@@ -132,6 +132,8 @@ def test_formats_match_the_layout(world_dir):
     ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "Alice's pet is a cat.", False),
     ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "An owl or a cat.", False),
     ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "Alice likes bowling.", False),
+    ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "Bob's pet is an owl.", False),
+    ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "An owl.", True),
     ({"kind": "person", "entity": "Alice", "attribute": "pet", "answer": "owl", "choices": ATTRIBUTES["pet"]["values"]}, "", False),
     ({"kind": "relation", "entity": "Alice", "attribute": "friend", "answer": "Bob", "choices": ["Alice", "Bob", "Clara"]}, "Alice's best friend is Bob.", True),
     ({"kind": "relation", "entity": "Alice", "attribute": "friend", "answer": "Bob", "choices": ["Alice", "Bob", "Clara"]}, "Bob and Clara.", False),
