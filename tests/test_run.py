@@ -1,0 +1,75 @@
+"""`align run`: stages in order as child processes, finished stages skipped, --from, stop at the first failure, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.errors import UserError
+from recipes.run import PipelineConfig, cli, main, stage_of
+
+
+def _recipe(tmp_path: Path, stages: list[str], extra: dict | None = None) -> Path:
+    rec = tmp_path / "recipes" / "toy"
+    rec.mkdir(parents=True, exist_ok=True)
+    runs = tmp_path / "runs"
+    (rec / "data.yaml").write_text(f"# align data --config {rec}/data.yaml\noutput: {runs}/data\nseed: 1\nnum_people: 8\n"
+                                   "statement_repeats: 2\nnum_stories: 10\nnum_quizzes: 10\noverwrite: true\n")
+    (rec / "tokenizer.yaml").write_text(f"# align tokenizer --config {rec}/tokenizer.yaml\nfiles: [{runs}/data/corpus/train.jsonl]\n"
+                                        f"output_dir: {runs}/tokenizer\nvocab_size: 300\nreference: none\noverwrite: true\n")
+    (rec / "tokenizer_bad.yaml").write_text(f"output_dir: {runs}/tok2\nvocab_sise: 300\n")
+    lines = ["stages:"] + [f"  - {s}" for s in stages] + [f"output_dir: {runs}"]
+    for k, v in (extra or {}).items():
+        lines.append(f"{k}: {json.dumps(v)}")
+    (rec / "pipeline.yaml").write_text("\n".join(lines) + "\n")
+    return rec
+
+
+def test_stage_names():
+    assert stage_of("sft") == "sft" and stage_of("eval_sft") == "eval" and stage_of("tokenizer_bad") == "tokenizer"
+    with pytest.raises(UserError, match="not a stage"):
+        stage_of("evaluate")
+
+
+def test_run_skips_finished_stages_redoes_from_and_reports(tmp_path, tiny_model_dir, capsys):
+    rec = _recipe(tmp_path, ["data", "tokenizer"], {"models": [f"random={tiny_model_dir}"], "qa_file": str(tmp_path / "runs/data/qa/test.jsonl"),
+                                                    "qa_limit": 2, "max_new_tokens": 4})
+    cli([str(rec)])
+    runs = tmp_path / "runs"
+    assert (runs / "tokenizer/tokenizer.json").is_file() and (runs / "stages/data.json").is_file()
+    report = (runs / "report.md").read_text()
+    assert "| data | ran |" in report and "| random |" in report and (runs / "report_times.png").stat().st_size > 1000
+    assert (runs / "report_models.png").is_file()
+    data = json.loads((runs / "report.json").read_text())
+    assert data["models"]["random"]["answer_accuracy"] in (0.0, 0.5, 1.0)
+
+    first_tok = (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns
+    capsys.readouterr()
+    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False))
+    assert [t["status"] for t in res["stages"]] == ["cached", "cached"]
+    assert (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns == first_tok
+    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False, from_stage="tokenizer"))
+    assert [t["status"] for t in res["stages"]] == ["cached", "ran"]
+    assert (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns != first_tok
+
+
+def test_failing_stage_stops_the_run_with_its_error(tmp_path):
+    rec = _recipe(tmp_path, ["tokenizer_bad", "data"])
+    with pytest.raises(UserError, match=r"stage tokenizer_bad failed \(exit 2\).*vocab_sise.*vocab_size"):
+        main(str(rec), PipelineConfig(stages=["tokenizer_bad", "data"], output_dir=str(tmp_path / "runs"), report=False))
+    assert not (tmp_path / "runs/stages/tokenizer_bad.json").exists() and not (tmp_path / "runs/data").exists()
+    with pytest.raises(UserError, match="--from: 'sft' is not in this pipeline"):
+        main(str(rec), PipelineConfig(stages=["data"], output_dir=str(tmp_path / "runs"), from_stage="sft"))
+    with pytest.raises(UserError, match="missing.yaml: not found"):
+        main(str(rec), PipelineConfig(stages=["data", "sft_missing"], output_dir=str(tmp_path / "runs")))
+
+
+def test_report_rows_merge_answer_metrics_with_eval_reports():
+    from recipes.run import report_rows
+
+    rows = report_rows({"sft": {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "samples": []}},
+                       {"eval_sft": {"results": {"mmlu_tinyworld": {"acc": 0.6, "n": 80, "name": "x"}}}, "eval_base": {"results": {"ppl": {"bpb": 1.5}}}})
+    assert rows["sft"] == {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "mmlu_tinyworld/acc": 0.6, "mmlu_tinyworld/n": 80}
+    assert rows["base"] == {"ppl/bpb": 1.5}
