@@ -279,8 +279,6 @@ def _read(cfg: PrepareConfig, files: list[str], with_hub: bool) -> list[str]:
 
 def main(cfg: PrepareConfig) -> dict:
     """Run the pipeline and write the packed corpus atomically; returns the report."""
-    from tqdm.auto import tqdm
-
     from pretrain.tokenizer import tokenizer_hash
 
     t0 = time.time()
@@ -315,7 +313,7 @@ def main(cfg: PrepareConfig) -> dict:
         removed[name] = n
         return kept_docs, kept_flags
 
-    docs = [clean_text(d, cfg.normalization) for d in tqdm(raw, desc="clean", leave=False, mininterval=2)]
+    docs = [clean_text(d, cfg.normalization) for d in raw]
     docs, is_val = keep(lambda d: bool(d.strip()), "empty_after_cleaning", docs, is_val)
 
     failures = [quality_failure(d, cfg) for d in docs]
