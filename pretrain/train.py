@@ -425,6 +425,9 @@ def main(cfg: PretrainConfig) -> dict:
     from pretrain.tokenizer import tokenizer_hash
 
     t_start = time.time()
+    for name in ("export_dir", "resume_from"):  # `--export_dir none` on the command line means no value
+        if getattr(cfg, name) is not None and getattr(cfg, name).strip().lower() in ("", "none", "null"):
+            setattr(cfg, name, None)
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
