@@ -1,0 +1,157 @@
+"""Pretraining benchmarks: training throughput against transformers' Llama, and Shakespeare bits-per-byte.
+
+    python -m benchmarks.bench_pretrain throughput [--preset tiny --seq_len 256 --batch_size 8 --rounds 5]
+    python -m benchmarks.bench_pretrain shakespeare [--minutes 5 --out runs/bench/shakespeare]
+
+throughput: the same shape, the same weights, batch and dtype, one full training step (forward, backward,
+AdamW) for our `pretrain.model.Llama` and `transformers.LlamaForCausalLM`, timed in alternating rounds in one
+process so that both see the same machine load; prints tokens/s of each and the ratio (median of rounds).
+
+shakespeare: a tokenizer trained on the first 90% of tinyshakespeare.txt (by characters), `align prepare` with
+the last 10% as the val split, then `align pretrain` for a fixed wall-clock budget; prints val bits-per-byte and
+writes the learning curve PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
+
+
+def _hf_model(ours):
+    from transformers import LlamaForCausalLM
+
+    from pretrain.model import to_hf_config
+
+    cfg = to_hf_config(ours.shape, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(cfg)
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def throughput(args) -> dict:
+    """Tokens/s of a training step: ours vs transformers.LlamaForCausalLM, interleaved rounds."""
+    from pretrain.model import Llama, shape_from_preset
+
+    torch.manual_seed(0)
+    shape = shape_from_preset(args.preset, args.vocab_size)
+    ours = Llama(shape)
+    hf = _hf_model(ours)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    y = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    with torch.no_grad():  # same function before timing anything
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+    def step_fn(model, hf_style):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            if hf_style:
+                loss = model(input_ids=x, labels=y).loss
+            else:
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    runners = {"ours": step_fn(ours, False), "transformers": step_fn(hf, True)}
+    if args.compile:
+        runners["ours (torch.compile)"] = step_fn(torch.compile(Llama(shape)), False)
+    for run in runners.values():  # warm up allocators (and compile)
+        for _ in range(2):
+            run()
+    tps = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            tps[name].append(args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    result = {"preset": args.preset, "vocab_size": args.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "dtype": "float32", "threads": torch.get_num_threads(), "tokens_per_s": {k: round(v) for k, v in med.items()},
+              "rounds": {k: [round(t) for t in v] for k, v in tps.items()},
+              "ratio_ours_over_transformers": round(med["ours"] / med["transformers"], 3)}
+    if args.compile:
+        result["ratio_compiled_over_transformers"] = round(med["ours (torch.compile)"] / med["transformers"], 3)
+    for k, v in med.items():
+        print(f"{k:>22s}: {v:9.0f} tokens/s  (rounds: {', '.join(f'{t:.0f}' for t in tps[k])})")
+    print(f"ratio ours / transformers: {result['ratio_ours_over_transformers']:.3f}x")
+    return result
+
+
+def shakespeare(args) -> dict:
+    """Train on the first 90% of tinyshakespeare.txt for a fixed time; val bits-per-byte on the last 10%."""
+    from pretrain import data, tokenizer, train
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    (out / "train.txt").write_text(text[:cut])
+    (out / "val.txt").write_text(text[cut:])
+    tokenizer.main(tokenizer.TokenizerConfig(files=[str(out / "train.txt")], vocab_size=args.vocab_size, output_dir=str(out / "tokenizer"),
+                                             reference="none", heldout_fraction=0.0))
+    # speaker turns (paragraphs) are the documents; no filtering or dedup: the benchmark trains on all 90%
+    data.main(data.PrepareConfig(output_dir=str(out / "packed"), tokenizer=str(out / "tokenizer"), files=[str(out / "train.txt")],
+                                 val_files=[str(out / "val.txt")], txt_split="paragraph", min_words=0, max_duplicate_line_fraction=1.0,
+                                 max_symbol_ratio=1e9, min_mean_word_length=0, max_mean_word_length=1e9, dedup_exact=False, dedup_near=False))
+    cfg = train.PretrainConfig(data_dir=str(out / "packed"), tokenizer=str(out / "tokenizer"), output_dir=str(out / "run"),
+                               export_dir=str(out / "base"), preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+                               max_steps=args.max_steps, max_minutes=args.minutes, lr=args.lr, warmup_steps=args.warmup_steps,
+                               eval_interval=args.eval_interval, eval_batches=10_000, num_samples=1, sample_tokens=64,
+                               save_interval=0, log_interval=10)
+    summary = train.main(cfg)
+    # bits-per-byte on the whole val split (eval_batches covers it): independent of the tokenizer
+    result = {"minutes": args.minutes, "preset": args.preset, "vocab_size": args.vocab_size, "steps": summary["steps"],
+              "tokens": summary["tokens"], "val_bpb": round(summary["val_bpb"], 4), "val_loss": round(summary["val_loss"], 4),
+              "curve": str(out / "run" / "loss_curve.png")}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--vocab_size", type=int, default=4096)
+    t.add_argument("--seq_len", type=int, default=256)
+    t.add_argument("--batch_size", type=int, default=8)
+    t.add_argument("--steps", type=int, default=3)
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--compile", action="store_true")
+    s = sub.add_parser("shakespeare")
+    s.add_argument("--minutes", type=float, default=5.0)
+    s.add_argument("--out", default="runs/bench/shakespeare")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--vocab_size", type=int, default=1024)
+    s.add_argument("--seq_len", type=int, default=128)
+    s.add_argument("--batch_size", type=int, default=16)
+    s.add_argument("--max_steps", type=int, default=1200)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--warmup_steps", type=int, default=50)
+    s.add_argument("--eval_interval", type=int, default=100)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    throughput(args) if args.what == "throughput" else shakespeare(args)
+
+
+if __name__ == "__main__":
+    main()
