@@ -112,11 +112,12 @@ def shakespeare(args) -> dict:
     data.main(data.PrepareConfig(output_dir=str(out / "packed"), tokenizer=str(out / "tokenizer"), files=[str(out / "train.txt")],
                                  val_files=[str(out / "val.txt")], txt_split="paragraph", min_words=0, max_duplicate_line_fraction=1.0,
                                  max_symbol_ratio=1e9, min_mean_word_length=0, max_mean_word_length=1e9, dedup_exact=False, dedup_near=False))
+    max_steps = args.max_steps or calibrate_steps(args, out)
     cfg = train.PretrainConfig(data_dir=str(out / "packed"), tokenizer=str(out / "tokenizer"), output_dir=str(out / "run"),
                                export_dir=str(out / "base"), preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
-                               max_steps=args.max_steps, max_minutes=args.minutes, lr=args.lr, warmup_steps=args.warmup_steps,
-                               eval_interval=args.eval_interval, eval_batches=10_000, num_samples=1, sample_tokens=64,
-                               save_interval=0, log_interval=10)
+                               max_steps=max_steps, max_minutes=args.minutes, lr=args.lr, warmup_steps=args.warmup_steps,
+                               eval_interval=max(1, max_steps // 6), eval_batches=10_000, num_samples=1, sample_tokens=64,
+                               sample_prompt="ROMEO:", save_interval=0, log_interval=10)
     summary = train.main(cfg)
     # bits-per-byte on the whole val split (eval_batches covers it): independent of the tokenizer
     result = {"minutes": args.minutes, "preset": args.preset, "vocab_size": args.vocab_size, "steps": summary["steps"],
@@ -124,6 +125,30 @@ def shakespeare(args) -> dict:
               "curve": str(out / "run" / "loss_curve.png")}
     print(json.dumps(result, indent=2))
     return result
+
+
+def calibrate_steps(args, out: Path) -> int:
+    """How many optimizer steps fit in the time budget: a few timed steps of the same model and batch, so the
+    cosine schedule ends when the time does (max_minutes still stops the run if the machine slows down)."""
+    from pretrain.model import Llama, shape_from_preset
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(out / "tokenizer"))
+    model = Llama(shape_from_preset(args.preset, vocab))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    per_step = statistics.median(times[1:])
+    steps = int(0.85 * args.minutes * 60 / per_step)  # ~15% for evaluations, samples and start-up
+    print(f"calibration: {per_step:.2f} s/step -> max_steps {steps} for {args.minutes} minutes")
+    return steps
 
 
 def main(argv=None) -> None:
@@ -144,10 +169,9 @@ def main(argv=None) -> None:
     s.add_argument("--vocab_size", type=int, default=1024)
     s.add_argument("--seq_len", type=int, default=128)
     s.add_argument("--batch_size", type=int, default=16)
-    s.add_argument("--max_steps", type=int, default=1200)
+    s.add_argument("--max_steps", type=int, default=0, help="0 = as many as fit in --minutes (calibrated)")
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--warmup_steps", type=int, default=50)
-    s.add_argument("--eval_interval", type=int, default=100)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     throughput(args) if args.what == "throughput" else shakespeare(args)

@@ -274,18 +274,21 @@ def evaluate(model, val: PackedTokens, tbytes: torch.Tensor, cfg: PretrainConfig
     model.eval()
     n = min(val.n, cfg.eval_batches * cfg.batch_size * world)
     idx = np.linspace(0, val.n - 1, n).round().astype(np.int64)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    tbytes = tbytes.to(device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats on text tokens, their bytes
     for i in range(rank * cfg.batch_size, n, world * cfg.batch_size):
         x, y = val.batch(idx[i:i + cfg.batch_size], device)  # (B, T)
         with autocast:
             logits = model(x)  # (B, T, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
-        sums += torch.stack([nll.double().sum(), torch.tensor(nll.numel(), dtype=torch.float64, device=device),
-                             tbytes.to(device)[y.flatten()].sum()])
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()  # (B*T,)
+        nbytes = tbytes[y.flatten()]  # (B*T,)
+        # bits-per-byte counts text only: special tokens (end of text) stand for no bytes, so their loss is left out
+        sums += torch.stack([nll.sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=device),
+                             nll[nbytes > 0].sum(), nbytes.sum()])
     all_reduce(sums, world)
     model.train()
-    nats, tokens, nbytes = sums.tolist()
-    return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / nbytes if nbytes else float("nan")}
+    nats, tokens, text_nats, nbytes = sums.tolist()
+    return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / nbytes if nbytes else float("nan")}
 
 
 @torch.no_grad()
