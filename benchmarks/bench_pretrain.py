@@ -102,7 +102,7 @@ def shakespeare(args) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = Path(args.text).read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     (out / "train.txt").write_text(text[:cut])
     (out / "val.txt").write_text(text[cut:])
@@ -113,18 +113,36 @@ def shakespeare(args) -> dict:
                                  val_files=[str(out / "val.txt")], txt_split="paragraph", min_words=0, max_duplicate_line_fraction=1.0,
                                  max_symbol_ratio=1e9, min_mean_word_length=0, max_mean_word_length=1e9, dedup_exact=False, dedup_near=False))
     max_steps = args.max_steps or calibrate_steps(args, out)
+    # in-loop evaluations use a slice of val (a few windows) to leave the time to training; the number reported
+    # is the whole val split, evaluated after the time budget
     cfg = train.PretrainConfig(data_dir=str(out / "packed"), tokenizer=str(out / "tokenizer"), output_dir=str(out / "run"),
                                export_dir=str(out / "base"), preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
-                               max_steps=max_steps, max_minutes=args.minutes, lr=args.lr, warmup_steps=args.warmup_steps,
-                               eval_interval=max(1, max_steps // 6), eval_batches=10_000, num_samples=1, sample_tokens=64,
-                               sample_prompt="ROMEO:", save_interval=0, log_interval=10)
+                               max_steps=max_steps, max_minutes=args.minutes, lr=args.lr,
+                               warmup_steps=min(args.warmup_steps, max(1, max_steps // 10)), eval_interval=max(1, max_steps // 4),
+                               eval_batches=2, num_samples=1, sample_tokens=48, sample_prompt="ROMEO:", save_interval=0, log_interval=5)
     summary = train.main(cfg)
-    # bits-per-byte on the whole val split (eval_batches covers it): independent of the tokenizer
+    full = full_val(cfg)
+    # bits per UTF-8 byte of the val text: comparable across tokenizers
     result = {"minutes": args.minutes, "preset": args.preset, "vocab_size": args.vocab_size, "steps": summary["steps"],
-              "tokens": summary["tokens"], "val_bpb": round(summary["val_bpb"], 4), "val_loss": round(summary["val_loss"], 4),
-              "curve": str(out / "run" / "loss_curve.png")}
+              "tokens": summary["tokens"], "train_seconds": summary["seconds"], "val_bpb": round(full["val_bpb"], 4),
+              "val_loss": round(full["val_loss"], 4), "curve": str(out / "run" / "loss_curve.png")}
     print(json.dumps(result, indent=2))
     return result
+
+
+def full_val(cfg) -> dict:
+    """Val loss and bits-per-byte of the exported model over every window of the val split."""
+    import contextlib
+
+    from transformers import AutoTokenizer
+
+    from pretrain.export import load_hf
+    from pretrain.train import PackedTokens, evaluate, read_meta, token_bytes
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    val = PackedTokens(Path(cfg.data_dir), read_meta(cfg.data_dir), "val", cfg.seq_len)
+    cfg.eval_batches = val.n  # every window
+    return evaluate(load_hf(cfg.export_dir), val, token_bytes(tok), cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext())
 
 
 def calibrate_steps(args, out: Path) -> int:
@@ -164,6 +182,7 @@ def main(argv=None) -> None:
     t.add_argument("--compile", action="store_true")
     s = sub.add_parser("shakespeare")
     s.add_argument("--minutes", type=float, default=5.0)
+    s.add_argument("--text", default=str(SHAKESPEARE), help="tinyshakespeare.txt (default: ../shared/data/pretrain/)")
     s.add_argument("--out", default="runs/bench/shakespeare")
     s.add_argument("--preset", default="tiny")
     s.add_argument("--vocab_size", type=int, default=1024)

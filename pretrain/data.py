@@ -125,10 +125,11 @@ def exact_key(text: str) -> str:
 def near_duplicates(docs: list[str], threshold: float, num_perm: int, shingle_words: int) -> set[int]:
     """Indices of documents that are near-duplicates of an earlier kept document (MinHash LSH)."""
     from datasketch import MinHash, MinHashLSH
+    from tqdm.auto import tqdm
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     dropped: set[int] = set()
-    for i, text in enumerate(docs):
+    for i, text in enumerate(tqdm(docs, desc="near-dedup", mininterval=2, disable=len(docs) < 5000)):
         w = _words(text)
         shingles = {" ".join(w[j:j + shingle_words]) for j in range(max(1, len(w) - shingle_words + 1))}
         m = MinHash(num_perm=num_perm, seed=1)
@@ -279,6 +280,8 @@ def _read(cfg: PrepareConfig, files: list[str], with_hub: bool) -> list[str]:
 
 def main(cfg: PrepareConfig) -> dict:
     """Run the pipeline and write the packed corpus atomically; returns the report."""
+    from tqdm.auto import tqdm
+
     from pretrain.tokenizer import tokenizer_hash
 
     t0 = time.time()
@@ -342,7 +345,8 @@ def main(cfg: PrepareConfig) -> dict:
         grams = ngram_set(texts, cfg.decontaminate_ngram)
         report["decontamination"] = {"eval_texts": len(texts), "ngrams": len(grams), "n": cfg.decontaminate_ngram}
         # only training documents are dropped: val text is what we measure on, not what we learn from
-        flags = [v or not is_contaminated(d, grams, cfg.decontaminate_ngram) for d, v in zip(docs, is_val)]
+        flags = [v or not is_contaminated(d, grams, cfg.decontaminate_ngram) for d, v in
+                 zip(tqdm(docs, desc="decontaminate", mininterval=2, disable=len(docs) < 5000), is_val)]
         removed["contaminated"] = flags.count(False)
         docs, is_val = [d for d, f in zip(docs, flags) if f], [v for v, f in zip(is_val, flags) if f]
 

@@ -174,3 +174,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(packed, tiny_tokenizer_di
 
     good = load_checkpoint(list_checkpoints(tmp_path / "nan" / "ckpt")[-1])
     assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_val_bits_per_byte_of_a_uniform_model_is_hand_computable(packed, tiny_tokenizer):
+    """A model with constant logits costs ln(V) nats on every token; bpb = text tokens * ln(V) / ln 2 / their bytes."""
+    import contextlib
+    import math
+
+    import numpy as np
+
+    from pretrain.train import PackedTokens, evaluate, read_meta, token_bytes
+
+    V = len(tiny_tokenizer)
+    cfg = PretrainConfig(seq_len=32, batch_size=4, eval_batches=3)
+    val = PackedTokens(packed, read_meta(str(packed)), "val", cfg.seq_len)
+    uniform = torch.nn.Module()
+    uniform.forward = lambda x: torch.zeros(*x.shape, V)
+    ev = evaluate(uniform, val, token_bytes(tiny_tokenizer), cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext())
+    assert ev["val_loss"] == pytest.approx(math.log(V), rel=1e-12)
+    idx = np.linspace(0, val.n - 1, min(val.n, 12)).round().astype(int)
+    targets = np.concatenate([val.window(i)[1:] for i in idx])
+    specials = set(tiny_tokenizer.all_special_ids)
+    text = [t for t in targets.tolist() if t not in specials]
+    n_bytes = sum(len(tiny_tokenizer.convert_ids_to_tokens(t)) for t in text)  # byte-level: one char per byte
+    assert ev["val_bpb"] == pytest.approx(len(text) * math.log(V) / math.log(2) / n_bytes, rel=1e-12)
+    # and a byte count that matches the decoded text exactly
+    assert n_bytes == len(tiny_tokenizer.decode(text).encode("utf-8"))
