@@ -68,39 +68,39 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 
 
 def test_training_lowers_loss_and_exports_loadable_model(packed, tiny_tokenizer_dir, tmp_path):
-    cfg = _cfg(packed, tiny_tokenizer_dir, tmp_path / "run", export_dir=str(tmp_path / "base"), max_steps=30,
-               eval_interval=15, num_samples=1, sample_tokens=8, save_interval=10, keep_checkpoints=2, report_to=["tensorboard"])
+    cfg = _cfg(packed, tiny_tokenizer_dir, tmp_path / "run", export_dir=str(tmp_path / "base"), max_steps=20,
+               eval_interval=10, num_samples=1, sample_tokens=8, save_interval=10, keep_checkpoints=2, report_to=["tensorboard"])
     summary = main(cfg)
     losses = _losses(cfg.output_dir)
-    assert sorted(losses) == list(range(1, 31))
+    assert sorted(losses) == list(range(1, 21))
     assert losses[1] > 6.0  # ~ln(vocab) at init
-    assert summary["loss"] < losses[1] - 1.5 and summary["val_loss"] < losses[1] - 1.0
+    assert summary["loss"] < losses[1] - 1.0 and summary["val_loss"] < losses[1] - 0.8
     assert 0 < summary["val_bpb"] < summary["val_loss"]  # several bytes per token
-    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["step_0000020.pt", "step_0000030.pt"]  # keep 2
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["step_0000010.pt", "step_0000020.pt"]  # keep 2
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
     assert list((tmp_path / "run" / "tensorboard").iterdir())
-    ckpt = torch.load(tmp_path / "run" / "ckpt" / "step_0000030.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "ckpt" / "step_0000020.pt", weights_only=False)
     assert {"model", "shape", "optimizer", "scheduler", "rng", "data", "step", "config"} <= set(ckpt)
-    assert ckpt["data"]["samples_seen"] == 30 * 4
+    assert ckpt["data"]["samples_seen"] == 20 * 4
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     x = torch.randint(0, 400, (2, 16))
     from pretrain.checkpoint import load_model_checkpoint
 
-    ours = load_model_checkpoint(tmp_path / "run" / "ckpt" / "step_0000030.pt")
+    ours = load_model_checkpoint(tmp_path / "run" / "ckpt" / "step_0000020.pt")
     torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(packed, tiny_tokenizer_dir, tmp_path):
-    steps = 40
-    ref = _cfg(packed, tiny_tokenizer_dir, tmp_path / "ref", max_steps=steps, save_interval=5)
+    steps = 20
+    ref = _cfg(packed, tiny_tokenizer_dir, tmp_path / "ref", max_steps=steps, save_interval=4)
     main(ref)
-    killed = _cfg(packed, tiny_tokenizer_dir, tmp_path / "killed", max_steps=steps, save_interval=5)
+    killed = _cfg(packed, tiny_tokenizer_dir, tmp_path / "killed", max_steps=steps, save_interval=4)
     cmd = [sys.executable, "-m", "alignment.cli", "pretrain", *_argv(killed)]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    first = tmp_path / "killed" / "ckpt" / "step_0000005.pt"
+    first = tmp_path / "killed" / "ckpt" / "step_0000004.pt"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -191,12 +191,12 @@ def test_val_bits_per_byte_of_a_uniform_model_is_hand_computable(packed, tiny_to
     uniform = torch.nn.Module()
     uniform.forward = lambda x: torch.zeros(*x.shape, V)
     ev = evaluate(uniform, val, token_bytes(tiny_tokenizer), cfg, 0, 1, torch.device("cpu"), contextlib.nullcontext())
-    assert ev["val_loss"] == pytest.approx(math.log(V), rel=1e-12)
+    assert ev["val_loss"] == pytest.approx(math.log(V), rel=1e-6)  # cross-entropy runs in fp32
     idx = np.linspace(0, val.n - 1, min(val.n, 12)).round().astype(int)
     targets = np.concatenate([val.window(i)[1:] for i in idx])
     specials = set(tiny_tokenizer.all_special_ids)
     text = [t for t in targets.tolist() if t not in specials]
     n_bytes = sum(len(tiny_tokenizer.convert_ids_to_tokens(t)) for t in text)  # byte-level: one char per byte
-    assert ev["val_bpb"] == pytest.approx(len(text) * math.log(V) / math.log(2) / n_bytes, rel=1e-12)
+    assert ev["val_bpb"] == pytest.approx(len(text) * math.log(V) / math.log(2) / n_bytes, rel=1e-6)
     # and a byte count that matches the decoded text exactly
     assert n_bytes == len(tiny_tokenizer.decode(text).encode("utf-8"))
