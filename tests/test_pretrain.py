@@ -118,7 +118,7 @@ def test_sigkill_then_resume_is_bitwise_identical(packed, tiny_tokenizer_dir, tm
     assert _losses(ref.output_dir) == _losses(killed.output_dir)  # every step's loss, bitwise
 
 
-def test_two_processes_match_one_with_same_global_batch(packed, tiny_tokenizer_dir, tmp_path):
+def test_two_processes_ddp_and_fsdp_match_one_with_same_global_batch(packed, tiny_tokenizer_dir, tmp_path):
     one = _cfg(packed, tiny_tokenizer_dir, tmp_path / "one", batch_size=2, grad_accum=2, max_steps=5, save_interval=5)
     main(one)
     two = _cfg(packed, tiny_tokenizer_dir, tmp_path / "two", batch_size=2, grad_accum=1, max_steps=5, save_interval=5)
@@ -133,6 +133,18 @@ def test_two_processes_match_one_with_same_global_batch(packed, tiny_tokenizer_d
     a, b = _final_weights(one.output_dir), _final_weights(two.output_dir)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # FSDP2 (parameters, gradients and optimizer state sharded over the 2 processes): the same curve and weights,
+    # and its checkpoint is a full state dict that loads without FSDP
+    fsdp = _cfg(packed, tiny_tokenizer_dir, tmp_path / "fsdp", batch_size=2, grad_accum=1, max_steps=5, save_interval=5, fsdp=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignment.cli", "pretrain", *_argv(fsdp)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    l3 = _losses(fsdp.output_dir)
+    assert all(l3[s] == pytest.approx(l1[s], rel=1e-5) for s in l1)
+    c = _final_weights(fsdp.output_dir)
+    assert c.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_are_one_line_errors(packed, tiny_tokenizer_dir, tmp_path):
