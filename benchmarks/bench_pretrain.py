@@ -176,7 +176,7 @@ def calibrate_steps(args, out: Path) -> int:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     per_step = statistics.median(times[1:])
-    steps = int(0.85 * args.minutes * 60 / per_step)  # ~15% for evaluations, samples and start-up
+    steps = int(0.9 * args.minutes * 60 / per_step)  # ~10% for evaluations, samples and start-up
     print(f"calibration: {per_step:.2f} s/step -> max_steps {steps} for {args.minutes} minutes")
     return steps
 
