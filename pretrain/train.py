@@ -3,7 +3,7 @@
     align pretrain --config recipes/tiny/pretrain.yaml
     align pretrain --config recipes/tiny/pretrain.yaml --resume true          # continue from the last checkpoint
     torchrun --nproc_per_node 2 -m alignment.cli pretrain --config recipes/tiny/pretrain.yaml   # DDP (gloo on CPU)
-    torchrun --nproc_per_node 8 -m alignment.cli pretrain --config recipes/gpu/fsdp/pretrain.yaml  # FSDP2
+    torchrun --nproc_per_node 4 -m alignment.cli pretrain --config recipes/gpu/fsdp/pretrain.yaml  # FSDP2
 
 The loop, top to bottom: read the shards -> build the model from a preset -> AdamW (decay on matrices only,
 fused on CUDA) -> per step: lr from warmup + cosine, grad_accum micro-batches, clip, step -> every N steps: val
@@ -104,6 +104,7 @@ class PackedTokens:
         self.n = int(self.offsets[-1])
 
     def window(self, i: int) -> np.ndarray:
+        """Tokens of window i: seq_len + 1 of them (inputs and the next-token targets overlap by seq_len)."""
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         start = (i - int(self.offsets[k])) * self.seq_len
         return self.shards[k][start:start + self.seq_len + 1]
@@ -338,6 +339,7 @@ class Loggers:
                 raise UserError(f"report_to: unknown logger {name!r}; expected tensorboard or wandb")
 
     def log(self, step: int, **metrics) -> None:
+        """Append one line of metrics for `step` (and forward it to tensorboard/wandb)."""
         if not self.active:
             return
         with open(self.path, "a") as f:
@@ -349,6 +351,7 @@ class Loggers:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        """Flush and close the optional loggers."""
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
