@@ -1,7 +1,22 @@
-"""Reading model weights out of a pretraining checkpoint (the training loop writes them; see pretrain/train.py)."""
+"""Pretraining checkpoints: one file per step, written atomically, the last K kept.
+
+A checkpoint is a `torch.save`d dict:
+    model       state_dict (Hugging Face parameter names)
+    shape       LlamaShape fields, so the model can be rebuilt without the config
+    optimizer   AdamW state_dict
+    scheduler   {"name", "step", ...}: the learning rate is a pure function of the step
+    rng         RNG states, one entry per process rank
+    data        {"samples_seen", ...}: the position in the seeded sample order
+    step, config, tokenizer_hash, metrics
+`align export --checkpoint FILE` and `load_model_checkpoint` read only model and shape.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,19 +24,65 @@ import torch
 from alignment.errors import UserError
 from pretrain.model import Llama, LlamaShape
 
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
-def load_model_checkpoint(path: str | Path) -> Llama:
-    """A Llama from a checkpoint file holding {'model': state_dict, 'shape': LlamaShape fields, ...}."""
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    """The file name of the checkpoint taken after `step` optimizer steps."""
+    return Path(ckpt_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Checkpoint files in ckpt_dir, oldest step first (temporary files ignored)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep: int) -> Path:
+    """Write `state` as step_NNNNNNN.pt through a temporary file and rename, then keep only the newest `keep`."""
+    path = checkpoint_path(ckpt_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader (or a crash) sees the old file set or the complete new file
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint dict; a missing, truncated or foreign file is a UserError naming it."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: checkpoint not found")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise UserError(f"{p}: corrupted or truncated checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # truncated zip, random bytes, pickle errors
+        raise UserError(f"{p}: corrupted or truncated checkpoint ({type(e).__name__}); delete it or resume from an older one") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "shape" not in ckpt:
         raise UserError(f"{p}: not a pretraining checkpoint; expected keys 'model' and 'shape'")
+    return ckpt
+
+
+def load_model_checkpoint(path: str | Path) -> Llama:
+    """A Llama from a checkpoint file holding {'model': state_dict, 'shape': LlamaShape fields, ...}."""
+    ckpt = load_checkpoint(path)
     model = Llama(LlamaShape(**ckpt["shape"]))
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the saved shape ({str(e).splitlines()[0]})") from None
     return model

@@ -216,7 +216,7 @@ class Llama(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def num_parameters(self, non_embedding: bool = False) -> int:
