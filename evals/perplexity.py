@@ -37,8 +37,9 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int, stride: int | 
     if not tokens:
         return
     first = min(max_len, len(tokens))
-    # the first window predicts tokens[0:first] from [prefix] + tokens[0:first-1]
-    yield [prefix] + tokens[:first - 1], tokens[:first]
+    # the first window predicts tokens[0:first] from [prefix] + tokens[0:first-1]; as a (context, continuation)
+    # request that is context [prefix] and continuation tokens[0:first]
+    yield [prefix], tokens[:first]
     done = first
     while done < len(tokens):
         n = min(len(tokens) - done, stride)
