@@ -94,9 +94,15 @@ def _prompt_and_completion(tok, prompt, completion) -> tuple[list[int], list[int
 
 @torch.no_grad()
 def reward_scores(rm, tok, sequences: list[list[int]], batch_size: int = 16) -> list[float]:
-    """Reward of each token sequence, read at its last real token whatever the padding side."""
+    """Reward of each token sequence, read at its last real token whatever the padding side.
+
+    Identical sequences are scored once, so two identical responses tie exactly (no float noise from batching)."""
     device = next(rm.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    unique = {tuple(s): None for s in sequences}
+    if len(unique) < len(sequences):
+        scores = dict(zip(unique, reward_scores(rm, tok, [list(s) for s in unique], batch_size)))
+        return [scores[tuple(s)] for s in sequences]
     out = [0.0] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     for s in range(0, len(order), batch_size):
@@ -211,7 +217,7 @@ def sample_responses(lm: LoadedModel, prompts: list, max_new_tokens: int = 64, t
                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
         stops = set(eos if isinstance(eos, list) else [eos])
         text_ids = [t for t in seq if t not in stops and t != tok.pad_token_id]
-        out.append({"prompt_ids": ids, "response_ids": seq, "response": tok.decode(text_ids)})
+        out.append({"prompt_ids": ids, "response_ids": seq, "response": tok.decode(text_ids, skip_special_tokens=True)})
     return out
 
 
