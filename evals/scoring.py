@@ -54,8 +54,13 @@ def content_hash(path: str | Path, patterns=("*.safetensors", "*.bin", "config.j
     return h.hexdigest()[:16]
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 (first 16 hex) of the tokenizer's vocabulary, merges and special tokens: equal hash, equal tokens."""
+def tokenizer_fingerprint(tokenizer, model_dir: str | Path | None = None) -> str:
+    """The project's tokenizer hash (pretrain.tokenizer.tokenizer_hash of tokenizer.json) when the directory has one,
+    else SHA-256 (first 16 hex) of the vocabulary, merges and special tokens."""
+    if model_dir is not None and Path(model_dir, "tokenizer.json").is_file():
+        from pretrain.tokenizer import tokenizer_hash
+
+        return tokenizer_hash(model_dir)
     try:
         state = json.loads(tokenizer.backend_tokenizer.to_str())
         payload = json.dumps({"model": state.get("model"), "added": state.get("added_tokens")}, sort_keys=True)
@@ -115,7 +120,7 @@ def load_model(path: str, adapter: str | None = None, load_in_8bit: bool = False
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, max_length=max_length or resolve_max_length(model.config, tokenizer),
                        path=str(path), adapter=adapter, model_hash=content_hash(path),
-                       tokenizer_hash=tokenizer_fingerprint(tokenizer))
+                       tokenizer_hash=tokenizer_fingerprint(tokenizer, path))
 
 
 def _decoder_and_head(model):

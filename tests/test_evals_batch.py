@@ -42,7 +42,7 @@ def test_stride_scores_same_tokens_with_more_context(lm):
 
 
 def test_batch_size_1_and_16_identical(lm, tmp_path):
-    tasks = load_tasks(str(write_mmlu_subset(tmp_path, n_test=12)))
+    tasks = load_tasks(str(write_mmlu_subset(tmp_path, n_test=6)))
     for scoring, shots in (("letter", 5), ("cloze", 0)):
         r1, s1 = evaluate_mc(lm, tasks, shots, scoring, batch_size=1, progress=False)
         r16, s16 = evaluate_mc(lm, tasks, shots, scoring, batch_size=16, progress=False)
