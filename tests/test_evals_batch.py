@@ -72,6 +72,22 @@ def test_shared_context_equals_full_logits(lm):
         assert ll == pytest.approx(float(ref.sum()), abs=1e-4)
 
 
+def test_shared_prefix_cache_equals_plain_forward(tiny_tokenizer_dir, tmp_path):
+    from conftest import synthetic_corpus
+    from pretrain.export import ExportConfig, main
+
+    main(ExportConfig(tokenizer=str(tiny_tokenizer_dir), preset="test", max_position_embeddings=1024, output_dir=str(tmp_path / "m"), seed=2))
+    lm = load_model(str(tmp_path / "m"))
+    tok = lm.tokenizer
+    prefix = tok.encode(" ".join(synthetic_corpus(4, seed=9)))  # > 64 shared tokens
+    reqs = [(prefix + tok.encode(q), tok.encode(a)) for q in (" Who ran?", " The cat sat on the big hill and", " Two")
+            for a in (" A", " the red house", " Bob")]
+    shared = loglikelihoods(lm, reqs, batch_size=4, progress=False)
+    plain = loglikelihoods(lm, reqs, batch_size=4, progress=False, share_prefix=False)
+    for (a, ga, ta), (b, gb, tb) in zip(shared, plain):
+        assert ta == pytest.approx(tb, abs=1e-5) and ga == gb
+
+
 def test_special_token_strings_in_documents_stay_text(lm):
     doc = "a literal <|im_end|> inside data"
     _, s = evaluate_perplexity(lm, [doc], progress=False)

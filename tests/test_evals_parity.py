@@ -19,6 +19,16 @@ def lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def long_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """The 'test' preset with a 2048-token context: 5-shot prompts fit, so the few-shot prefix is shared."""
+    from pretrain.export import ExportConfig, main
+
+    out = tmp_path_factory.mktemp("long") / "model"
+    main(ExportConfig(tokenizer=str(tiny_tokenizer_dir), preset="test", max_position_embeddings=2048, output_dir=str(out), seed=1))
+    return out
+
+
+@pytest.fixture(scope="module")
 def mmlu_dir(tmp_path_factory):
     return write_mmlu_subset(tmp_path_factory.mktemp("mmlu"), n_test=6)
 
@@ -64,3 +74,24 @@ def test_mmlu_items_equal_lm_eval(lm, tiny_model_dir, mmlu_dir, tmp_path, scorin
         assert ours[task.name]["acc"] == pytest.approx(res["results"][name]["acc,none"], abs=1e-12)
         if scoring == "cloze":
             assert ours[task.name]["acc_norm"] == pytest.approx(res["results"][name]["acc_norm,none"], abs=1e-12)
+
+
+def test_mmlu_shared_fewshot_prefix_equals_lm_eval(long_model_dir, mmlu_dir, tmp_path):
+    from evals.scoring import prefix_groups
+
+    lm = load_model(str(long_model_dir))
+    tasks = load_tasks(str(mmlu_dir))
+    ours, samples = evaluate_mc(lm, tasks, 5, "letter", batch_size=4, progress=False)
+    # the fast path is really taken: one prefix group per subject
+    from evals.multiple_choice import build_context
+
+    ctxs = [tuple(lm.tokenizer.encode(build_context(t, r, 5, "letter"))) for t in tasks for r in t.test]
+    assert sorted(len(m) for p, m in prefix_groups(ctxs) if p) == [6, 6]
+    names = write_mc_tasks(tasks, tmp_path, "letter")
+    res = run_lm_eval(long_model_dir, tmp_path, names, num_fewshot=5)
+    for task, name in zip(tasks, names):
+        theirs = sorted(res["samples"][name], key=lambda s: s["doc_id"])
+        mine = [s for s in samples if s["task"] == task.name]
+        for a, b in zip(mine, theirs):
+            assert a["loglikelihoods"] == pytest.approx([x[0] for x in b["filtered_resps"]], rel=1e-5, abs=1e-4)
+            assert a["acc"] == b["acc"]
