@@ -136,11 +136,12 @@ def _decoder_and_head(model):
     return body, head
 
 
-def prefix_groups(inputs: list[tuple], min_prefix: int = 64) -> list[tuple[int, list[int]]]:
+def prefix_groups(inputs: list[tuple], keep: list[int] | None = None, min_prefix: int = 64) -> list[tuple[int, list[int]]]:
     """Group inputs that share a long token prefix (the header and few-shot block of one subject).
 
-    Returns (prefix length, input indices) pairs; prefix length 0 = no sharing. The prefix always leaves at
-    least one token of every member as its own suffix."""
+    Returns (prefix length, input indices) pairs; prefix length 0 = no sharing. The prefix leaves at least
+    keep[i] (>= 1) trailing tokens of every member, the positions that are scored, in its own suffix."""
+    keep = keep or [1] * len(inputs)
     buckets: dict[tuple, list[int]] = {}
     for i, inp in enumerate(inputs):
         buckets.setdefault(tuple(inp[:min_prefix]) if len(inp) > min_prefix else ("solo", i), []).append(i)
@@ -150,10 +151,10 @@ def prefix_groups(inputs: list[tuple], min_prefix: int = 64) -> list[tuple[int, 
             solo += members
             continue
         first = inputs[members[0]]
-        lcp = min(len(inputs[i]) for i in members) - 1
+        lcp = min(len(inputs[i]) - max(1, keep[i]) for i in members)
         for i in members[1:]:
             other = inputs[i]
-            k = min_prefix
+            k = min(min_prefix, lcp)  # the bucket key guarantees the first min_prefix tokens agree
             while k < lcp and other[k] == first[k]:
                 k += 1
             lcp = k
@@ -192,7 +193,7 @@ def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], list[int]]],
     body, head = _decoder_and_head(lm.model)
     device = next(lm.model.parameters()).device
     logprobs: list[torch.Tensor | None] = [None] * len(unique)  # per input: (need, V) float32 on cpu
-    groups = prefix_groups(unique) if share_prefix and body is not None else [(0, list(range(len(unique))))]
+    groups = prefix_groups(unique, need) if share_prefix and body is not None else [(0, list(range(len(unique))))]
     bar = tqdm(total=len(unique), desc=desc, disable=not progress, leave=False)
     for plen, members in groups:
         kv = None

@@ -72,6 +72,15 @@ def test_shared_context_equals_full_logits(lm):
         assert ll == pytest.approx(float(ref.sum()), abs=1e-4)
 
 
+def test_prefix_groups_by_hand():
+    from evals.scoring import prefix_groups
+
+    a, b, c = tuple(range(100)), tuple(range(90)) + (7,) * 10, (5,) * 100
+    assert prefix_groups([a, b, c]) == [(90, [0, 1]), (0, [2])]
+    assert prefix_groups([a, b], keep=[20, 20]) == [(80, [0, 1])]  # scored positions stay in the suffix
+    assert prefix_groups([a, b], keep=[50, 50]) == [(0, [0, 1])]  # shared part too short to be worth it
+
+
 def test_shared_prefix_cache_equals_plain_forward(tiny_tokenizer_dir, tmp_path):
     from conftest import synthetic_corpus
     from pretrain.export import ExportConfig, main
