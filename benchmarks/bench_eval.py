@@ -12,7 +12,6 @@ per subject / micro / macro for both.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 

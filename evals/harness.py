@@ -129,6 +129,24 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         from .multiple_choice import load_tasks
 
         mc = load_tasks(cfg.mmlu_dir, _split(cfg.mmlu_test_files), _split(cfg.mmlu_dev_files), _split(cfg.subjects))
+    pairs = prompts = None
+    if {"preference", "dpo"} & set(tasks):
+        from .preference import read_pairs
+
+        if not cfg.preference_files:
+            raise UserError("preference: set preference_files")
+        if "preference" in tasks and not cfg.reward_model:
+            raise UserError("preference: set reward_model (a sequence-classification model directory)")
+        if "dpo" in tasks and not cfg.reference_model:
+            raise UserError("dpo: set reference_model")
+        pairs = [p for f in _split(cfg.preference_files) for p in read_pairs(f)]
+        pairs = pairs[:cfg.limit] if cfg.limit else pairs
+    if "winrate" in tasks:
+        from .preference import read_prompts
+
+        if not (cfg.reward_model and cfg.reference_model and cfg.prompts_file):
+            raise UserError("winrate: set reward_model, reference_model and prompts_file")
+        prompts = read_prompts(cfg.prompts_file, cfg.limit)
     lm = load_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
     results: dict = {}
     samples: list[dict] = []
@@ -146,35 +164,22 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
                            cfg.progress, cfg.fewshot_as_multiturn)
         results.update(r)
         samples += s
-    if {"preference", "dpo"} & set(tasks):
-        from .preference import dpo_accuracy, read_pairs, reward_accuracy
+    if pairs is not None:
+        from .preference import dpo_accuracy, reward_accuracy
 
-        if not cfg.preference_files:
-            raise UserError("preference: set preference_files")
-        pairs = [p for f in _split(cfg.preference_files) for p in read_pairs(f)]
-        pairs = pairs[:cfg.limit] if cfg.limit else pairs
         if "preference" in tasks:
-            if not cfg.reward_model:
-                raise UserError("preference: set reward_model (a sequence-classification model directory)")
             r, s = reward_accuracy(cfg.reward_model, pairs, cfg.batch_size)
             results["reward_accuracy"] = r
             samples += s
         if "dpo" in tasks:
-            if not cfg.reference_model:
-                raise UserError("dpo: set reference_model")
             r, s = dpo_accuracy(lm, cfg.reference_model, pairs, cfg.beta, cfg.batch_size)
             results["dpo_accuracy"] = r
             samples += s
-    if "winrate" in tasks:
-        from .preference import read_prompts, win_rate
+    if prompts is not None:
+        from .preference import win_rate
 
-        if not (cfg.reward_model and cfg.reference_model and cfg.prompts_file):
-            raise UserError("winrate: set reward_model, reference_model and prompts_file")
-        if cfg.adapter or cfg.load_in_8bit or cfg.load_in_4bit:
-            raise UserError("winrate: expected a plain merged model directory (no adapter or 8/4-bit)")
-        prompts = read_prompts(cfg.prompts_file, cfg.limit)
-        r, s = win_rate(cfg.model, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens,
-                        cfg.temperature, cfg.seed, cfg.batch_size)
+        r, s = win_rate(lm, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens, cfg.temperature,
+                        cfg.seed, cfg.batch_size)
         results["win_rate"] = r
         samples += s
     model_info = {"path": cfg.model, "adapter": cfg.adapter, "hash": lm.model_hash, "tokenizer_hash": lm.tokenizer_hash,

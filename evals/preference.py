@@ -221,13 +221,14 @@ def sample_responses(lm: LoadedModel, prompts: list, max_new_tokens: int = 64, t
     return out
 
 
-def win_rate(policy: str, reference: str, reward_model: str, prompts: list, max_new_tokens: int = 64,
+def win_rate(policy: str | LoadedModel, reference: str | LoadedModel, reward_model: str, prompts: list, max_new_tokens: int = 64,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[dict, list[dict]]:
     """Sample from policy and reference, score both with the reward model: win rate (ties count half) with a 95%
     interval, and KL(policy || reference) estimated on the policy's samples (exact in expectation at temperature 1)."""
-    pol, ref = load_model(policy), load_model(reference)
+    pol = policy if isinstance(policy, LoadedModel) else load_model(policy)
+    ref = reference if isinstance(reference, LoadedModel) else load_model(reference)
     if pol.tokenizer_hash != ref.tokenizer_hash:
-        raise UserError(f"{reference}: the reference model's tokenizer differs from the policy's; expected the same")
+        raise UserError(f"{ref.path}: the reference model's tokenizer differs from the policy's; expected the same")
     rm, rm_tok = load_reward_model(reward_model)
     ps = sample_responses(pol, prompts, max_new_tokens, temperature, seed=seed)
     rs = sample_responses(ref, prompts, max_new_tokens, temperature, seed=seed)
@@ -249,7 +250,7 @@ def win_rate(policy: str, reference: str, reward_model: str, prompts: list, max_
     wr = _summary(outcome, "win_rate")
     half = 1.96 * (wr["win_rate_stderr"] if len(outcome) > 1 else 0.5)
     out = {"task": "win_rate", "version": PREF_VERSION, "n": len(prompts), "num_fewshot": 0, "scoring": "reward_model",
-           "reference_model": str(reference), "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
+           "reference_model": ref.path, "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
            "temperature": temperature, **wr, "win_rate_ci95": [max(0.0, wr["win_rate"] - half), min(1.0, wr["win_rate"] + half)],
            "reward_policy": float(r_pol.mean()), "reward_reference": float(r_ref.mean()), **_summary(kl, "kl")}
     samples = [{"task": "win_rate", "doc_id": i, "prompt": prompts[i], "policy_response": ps[i]["response"],
