@@ -17,6 +17,7 @@ message, the generation prompt follows, and the target delimiter is empty.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import re
@@ -213,7 +214,9 @@ def evaluate_mc(lm: LoadedModel, tasks: list[MCTask], num_fewshot: int = 0, scor
     if scoring not in HEADERS:
         raise UserError(f"scoring: {scoring!r} is not one of letter, cloze")
     tok = lm.tokenizer
-    enc = lambda s: encode_text(tok, s)  # noqa: E731  (data text never becomes a control id)
+    # data text never becomes a control id; memoized because the four choices of a question share a context
+    enc_cached = functools.lru_cache(maxsize=4096)(lambda s: tuple(encode_text(tok, s)))
+    enc = lambda s: list(enc_cached(s))  # noqa: E731
     requests, owners = [], []  # owners[i] = (task index, row index, choice index)
     for ti, task in enumerate(tasks):
         for ri, row in enumerate(task.test[:limit] if limit else task.test):
