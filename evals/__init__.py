@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, MMLU-style multiple choice, preference and win rate, reports and comparison."""

@@ -1,0 +1,212 @@
+"""`align eval`: score one model on perplexity, MMLU-style multiple choice, preference pairs and win rate.
+
+    align eval --model runs/tiny/sft/merged --tasks perplexity,mmlu --output runs/tiny/eval/sft.json \\
+        --perplexity_files runs/tiny/data/corpus/heldout.jsonl --mmlu_dir runs/tiny/data/mmlu
+    align eval --config recipes/mmlu/eval.yaml --model runs/base --num_fewshot 5
+
+Writes FILE.json (the versioned report), FILE.md, FILE.png and, with --log_samples, FILE.samples.jsonl. In Python:
+
+    from evals.harness import evaluate
+    from evals.report import write_report
+    report, samples = evaluate("runs/tiny/sft/merged", tasks=["mmlu"], mmlu_dir="runs/tiny/data/mmlu")
+    write_report(report, "runs/tiny/eval/sft.json", samples)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from alignment.config import parse_config
+from alignment.errors import UserError, exit_on_user_error
+
+from .report import build_report, write_report
+
+TASKS = ("perplexity", "mmlu", "preference", "dpo", "winrate")
+
+
+@dataclass
+class EvalConfig:
+    """What to score and how; every field is also a `--key value` option."""
+
+    model: str = field(default="runs/tiny/base", metadata={"help": "Hugging Face causal LM directory (with tokenizer)."})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter directory applied to --model."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit with bitsandbytes."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 with bitsandbytes."})
+    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"], metadata={"help": f"Any of {', '.join(TASKS)} (comma-separated or repeated)."})
+    output: str = field(default="runs/tiny/eval/report.json", metadata={"help": "Report path (.json); .md and .png are written beside it."})
+    # perplexity
+    perplexity_files: list[str] = field(default_factory=list, metadata={"help": "Text files (.txt/.jsonl/.json/.parquet, globs) to score."})
+    perplexity_dataset: str | None = field(default=None, metadata={"help": "A `datasets` name or local dataset directory to score."})
+    perplexity_dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    perplexity_split: str = field(default="test", metadata={"help": "Its split."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (.jsonl/.parquet/datasets)."})
+    txt_split: str = field(default="file", metadata={"help": ".txt documents: file, paragraph, line, or a separator line."})
+    stride: int | None = field(default=None, metadata={"help": "Rolling-window stride in tokens (default: the context length, as lm-eval)."})
+    # multiple choice
+    mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU directory with test/ and dev/ (<subject>_test.csv, <subject>_dev.csv)."})
+    mmlu_test_files: list[str] = field(default_factory=list, metadata={"help": "Test files (.csv or cais/mmlu .jsonl/.parquet)."})
+    mmlu_dev_files: list[str] = field(default_factory=list, metadata={"help": "Dev (few-shot) files."})
+    subjects: list[str] = field(default_factory=list, metadata={"help": "Only these subjects (default: all found)."})
+    num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples: the first n rows of the dev split."})
+    scoring: str = field(default="letter", metadata={"help": "letter (' A'..' D' after 'Answer:') or cloze (answer texts; acc_norm)."})
+    apply_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template (empty target delimiter)."})
+    fewshot_as_multiturn: bool = field(default=True, metadata={"help": "With a chat template: shots as user/assistant turns (lm-eval's default)."})
+    # preference and generation
+    preference_files: list[str] = field(default_factory=list, metadata={"help": "Preference pairs (.jsonl/.jsonl.gz: TRL rows or hh-rlhf dialogues)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (sequence classification, 1 label)."})
+    reference_model: str | None = field(default=None, metadata={"help": "Reference policy for DPO accuracy, win rate and KL."})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta of the implicit reward."})
+    prompts_file: str | None = field(default=None, metadata={"help": "Held-out prompts (.jsonl with 'prompt') for the win rate."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per response for the win rate."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1.0 keeps the KL estimate unbiased)."})
+    # run
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (results do not depend on it)."})
+    limit: int | None = field(default=None, metadata={"help": "Score only the first n items of each task (for quick checks)."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    log_samples: bool = field(default=False, metadata={"help": "Write per-item records to FILE.samples.jsonl."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+
+
+def _split(items) -> list[str]:
+    """Accept lists given as repeated values, comma-separated strings, or both."""
+    return [t.strip() for item in ([items] if isinstance(items, str) else items or []) for t in str(item).split(",") if t.strip()]
+
+
+def _task_list(tasks) -> list[str]:
+    names = _split(tasks)
+    for t in names:
+        if t not in TASKS:
+            raise UserError(f"tasks: unknown task {t!r}; expected any of {', '.join(TASKS)}")
+    if not names:
+        raise UserError(f"tasks: expected at least one of {', '.join(TASKS)}")
+    return names
+
+
+def evaluate(model: str, tasks=("perplexity",), **options) -> tuple[dict, list[dict]]:
+    """Score `model` on `tasks` (options are EvalConfig fields); returns (report dict, per-item samples)."""
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UserError(f"evaluate: unknown option(s) {', '.join(unknown)}")
+    cfg = EvalConfig(model=model, tasks=list(tasks) if not isinstance(tasks, str) else [tasks], **options)
+    return run(cfg)
+
+
+def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Run every configured task on the model; returns (report dict, samples)."""
+    from .scoring import load_model
+
+    t0 = time.time()
+    tasks = _task_list(cfg.tasks)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size: expected a positive integer, got {cfg.batch_size}")
+    if cfg.num_fewshot < 0:
+        raise UserError(f"num_fewshot: expected 0 or more, got {cfg.num_fewshot}")
+    # read and check every input before the (slow) model work, so bad input fails fast with nothing written
+    docs = mc = None
+    if "perplexity" in tasks:
+        from pretrain.sources import iter_documents
+
+        if not cfg.perplexity_files and not cfg.perplexity_dataset:
+            raise UserError("perplexity: set perplexity_files or perplexity_dataset")
+        docs = list(iter_documents(cfg.perplexity_files, cfg.perplexity_dataset, cfg.perplexity_dataset_config,
+                                   cfg.perplexity_split, cfg.text_column, cfg.txt_split))
+        if not docs:
+            raise UserError(f"{', '.join(cfg.perplexity_files) or cfg.perplexity_dataset}: no documents (empty text?)")
+        docs = docs[:cfg.limit] if cfg.limit else docs
+    if "mmlu" in tasks:
+        from .multiple_choice import load_tasks
+
+        mc = load_tasks(cfg.mmlu_dir, _split(cfg.mmlu_test_files), _split(cfg.mmlu_dev_files), _split(cfg.subjects))
+    pairs = prompts = None
+    if {"preference", "dpo"} & set(tasks):
+        from .preference import read_pairs
+
+        if not cfg.preference_files:
+            raise UserError("preference: set preference_files")
+        if "preference" in tasks and not cfg.reward_model:
+            raise UserError("preference: set reward_model (a sequence-classification model directory)")
+        if "dpo" in tasks and not cfg.reference_model:
+            raise UserError("dpo: set reference_model")
+        pairs = [p for f in _split(cfg.preference_files) for p in read_pairs(f)]
+        pairs = pairs[:cfg.limit] if cfg.limit else pairs
+    if "winrate" in tasks:
+        from .preference import read_prompts
+
+        if not (cfg.reward_model and cfg.reference_model and cfg.prompts_file):
+            raise UserError("winrate: set reward_model, reference_model and prompts_file")
+        prompts = read_prompts(cfg.prompts_file, cfg.limit)
+    lm = load_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
+    results: dict = {}
+    samples: list[dict] = []
+    if docs is not None:
+        from .perplexity import evaluate_perplexity
+
+        r, s = evaluate_perplexity(lm, docs, stride=cfg.stride, batch_size=cfg.batch_size, progress=cfg.progress)
+        r["source"] = cfg.perplexity_files or cfg.perplexity_dataset
+        results["perplexity"] = r
+        samples += s
+    if mc is not None:
+        from .multiple_choice import evaluate_mc
+
+        r, s = evaluate_mc(lm, mc, cfg.num_fewshot, cfg.scoring, cfg.apply_chat_template, cfg.batch_size, cfg.limit,
+                           cfg.progress, cfg.fewshot_as_multiturn)
+        results.update(r)
+        samples += s
+    if pairs is not None:
+        from .preference import dpo_accuracy, reward_accuracy
+
+        if "preference" in tasks:
+            r, s = reward_accuracy(cfg.reward_model, pairs, cfg.batch_size)
+            results["reward_accuracy"] = r
+            samples += s
+        if "dpo" in tasks:
+            r, s = dpo_accuracy(lm, cfg.reference_model, pairs, cfg.beta, cfg.batch_size)
+            results["dpo_accuracy"] = r
+            samples += s
+    if prompts is not None:
+        from .preference import win_rate
+
+        r, s = win_rate(lm, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens, cfg.temperature,
+                        cfg.seed, cfg.batch_size)
+        results["win_rate"] = r
+        samples += s
+    model_info = {"path": cfg.model, "adapter": cfg.adapter, "hash": lm.model_hash, "tokenizer_hash": lm.tokenizer_hash,
+                  "max_length": lm.max_length, "load_in_8bit": cfg.load_in_8bit, "load_in_4bit": cfg.load_in_4bit}
+    return build_report(model_info, results, dataclasses.asdict(cfg), cfg.seed, time.time() - t0), samples
+
+
+def main(cfg: EvalConfig) -> dict:
+    """Evaluate, write the report files, print a summary; returns the report."""
+    if not cfg.output.endswith(".json"):
+        raise UserError(f"output: {cfg.output!r} must end in .json")
+    report, samples = run(cfg)
+    paths = write_report(report, cfg.output, samples if cfg.log_samples else None)
+    for name, r in report["results"].items():
+        shown = ", ".join(f"{k} {r[k]:.4f}" for k in ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "margin", "win_rate", "kl")
+                          if isinstance(r.get(k), float))
+        print(f"eval {name} (n={r.get('n')}, {r.get('num_fewshot')}-shot, {r.get('scoring')}): {shown}")
+    print(f"eval: report -> {paths['json']} (+ .md, .png{', .samples.jsonl' if 'samples' in paths else ''}) "
+          f"in {report['wall_time_s']:.1f}s", file=sys.stderr)
+    return report
+
+
+@exit_on_user_error
+def cli(argv=None) -> None:
+    (cfg,) = parse_config([EvalConfig], argv)
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

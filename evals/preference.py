@@ -1,0 +1,259 @@
+"""Preference and generation evals: reward-model accuracy, DPO implicit-reward accuracy, win rate and KL.
+
+    align eval --model runs/tiny/dpo/merged --tasks preference,dpo,winrate --reward_model runs/tiny/reward/merged \\
+        --reference_model runs/tiny/sft/merged --preference_files runs/tiny/data/preference/test.jsonl \\
+        --prompts_file runs/tiny/data/qa/test.jsonl
+
+Python API (every function takes model paths and returns a metrics dict):
+    reward_accuracy(reward_model, pairs)                       accuracy and mean margin of r(chosen) - r(rejected)
+    dpo_accuracy(policy, reference, pairs, beta)               the same with DPO's implicit reward
+    win_rate(policy, reference, reward_model, prompts, ...)    sampled responses scored by the reward model, KL
+Pairs come from `read_pairs`: TRL conversational rows ({"prompt": [msgs], "chosen": [msg], "rejected": [msg]}),
+plain-text rows ({"prompt": str, "chosen": str, "rejected": str}) or hh-rlhf dialogues ({"chosen": str,
+"rejected": str} full text, split at the last "\\n\\nAssistant:").
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignment.errors import UserError
+from alignment.tokens import encode_chat, encode_text, validate_messages
+
+from .scoring import LoadedModel, load_model, loglikelihoods
+
+PREF_VERSION = "1.0"
+HH_SPLIT = "\n\nAssistant:"
+
+
+def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: file not found")
+    raw = gzip.open(p, "rt", encoding="utf-8").read() if p.name.endswith(".gz") else p.read_text(encoding="utf-8")
+    rows = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+    if not rows:
+        raise UserError(f"{p}: no rows in the file")
+    return rows
+
+
+def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Preference pairs as {"prompt", "chosen", "rejected"}: message lists (conversational) or strings (text)."""
+    pairs = []
+    for i, row in _read_jsonl(path):
+        where = f"{path}:{i}"
+        if not isinstance(row, dict) or not {"chosen", "rejected"} <= set(row):
+            raise UserError(f"{where}: expected 'chosen' and 'rejected' fields")
+        c, r = row["chosen"], row["rejected"]
+        if "prompt" not in row:  # hh-rlhf: two full dialogues differing in the last assistant turn
+            if not (isinstance(c, str) and isinstance(r, str)) or HH_SPLIT not in c or HH_SPLIT not in r:
+                raise UserError(f"{where}: expected hh-rlhf dialogues containing '\\n\\nAssistant:' or a 'prompt' field")
+            k = c.rfind(HH_SPLIT) + len(HH_SPLIT)
+            prompt = c[:k]
+            if not r.startswith(prompt):
+                k = r.rfind(HH_SPLIT) + len(HH_SPLIT)
+                prompt = r[:k]
+            pairs.append({"prompt": prompt, "chosen": c[len(prompt):], "rejected": r[len(prompt):]})
+        elif isinstance(row["prompt"], list):
+            pairs.append({"prompt": validate_messages(row["prompt"], f"{where}: prompt"),
+                          "chosen": validate_messages(c, f"{where}: chosen"),
+                          "rejected": validate_messages(r, f"{where}: rejected")})
+        elif all(isinstance(x, str) for x in (row["prompt"], c, r)):
+            pairs.append({"prompt": row["prompt"], "chosen": c, "rejected": r})
+        else:
+            raise UserError(f"{where}: expected prompt/chosen/rejected as message lists or strings")
+        if limit and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def _prompt_and_completion(tok, prompt, completion) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the completion that follows it (chat template for message lists)."""
+    if isinstance(prompt, list):
+        p = encode_chat(tok, prompt, add_generation_prompt=True)["input_ids"]
+        full = encode_chat(tok, prompt + completion)["input_ids"]
+        if full[:len(p)] != p:  # a template that renders the prompt differently once answered
+            raise UserError("chat template: the prompt's tokens change when the answer is appended")
+        return p, full[len(p):]
+    p = encode_text(tok, prompt)
+    return p, encode_text(tok, prompt + completion)[len(p):]
+
+
+@torch.no_grad()
+def reward_scores(rm, tok, sequences: list[list[int]], batch_size: int = 16) -> list[float]:
+    """Reward of each token sequence, read at its last real token whatever the padding side.
+
+    Identical sequences are scored once, so two identical responses tie exactly (no float noise from batching)."""
+    device = next(rm.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    unique = {tuple(s): None for s in sequences}
+    if len(unique) < len(sequences):
+        scores = dict(zip(unique, reward_scores(rm, tok, [list(s) for s in unique], batch_size)))
+        return [scores[tuple(s)] for s in sequences]
+    out = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        T = len(sequences[chunk[0]])
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(chunk):
+            ids[r, :len(sequences[i])] = torch.tensor(sequences[i])
+            mask[r, :len(sequences[i])] = 1
+        body = getattr(rm, rm.base_model_prefix)
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, H)
+        last = mask.sum(1) - 1  # right padding: index of the last real token
+        values = rm.score(hidden[torch.arange(len(chunk)), last.to(device)]).float()[:, 0]  # (B,)
+        for r, i in enumerate(chunk):
+            out[i] = float(values[r])
+    return out
+
+
+def load_reward_model(path: str, device: str | None = None):
+    """A sequence-classification reward model (num_labels=1) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; expected a reward model directory")
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise UserError(f"{path}: no tokenizer.json; expected the tokenizer saved beside the reward model")
+    tok = AutoTokenizer.from_pretrained(path)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, num_labels=1)
+    if rm.config.pad_token_id is None:
+        rm.config.pad_token_id = tok.pad_token_id
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return rm.to(device).eval(), tok
+
+
+def _summary(x: np.ndarray, name: str) -> dict:
+    se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {name: float(x.mean()), f"{name}_stderr": se}
+
+
+def reward_accuracy(reward_model: str, pairs: list[dict], batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """Fraction of pairs where the reward model scores chosen above rejected, and the mean margin."""
+    rm, tok = load_reward_model(reward_model)
+    seqs = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            a, b = _prompt_and_completion(tok, p["prompt"], p[side])
+            seqs.append(a + b)
+    r = np.array(reward_scores(rm, tok, seqs, batch_size))
+    margin = r[0::2] - r[1::2]
+    acc = (margin > 0).astype(float)
+    out = {"task": "reward_accuracy", "version": PREF_VERSION, "n": len(pairs), "num_fewshot": 0, "scoring": "reward",
+           "reward_model": str(reward_model), **_summary(acc, "acc"), **_summary(margin, "margin")}
+    samples = [{"task": "reward_accuracy", "doc_id": i, "chosen_reward": float(r[2 * i]), "rejected_reward": float(r[2 * i + 1])}
+               for i in range(len(pairs))]
+    return out, samples
+
+
+def _completion_logps(lm: LoadedModel, pairs: list[dict], batch_size: int) -> np.ndarray:
+    reqs = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            reqs.append(_prompt_and_completion(lm.tokenizer, p["prompt"], p[side]))
+    return np.array([s for s, _, _ in loglikelihoods(lm, reqs, batch_size=batch_size, desc="completion log-probs")])
+
+
+def dpo_accuracy(policy: str | LoadedModel, reference: str | LoadedModel, pairs: list[dict], beta: float = 0.1,
+                 batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """DPO implicit reward r = beta * (log pi(y|x) - log ref(y|x)): accuracy of r(chosen) > r(rejected), margin."""
+    pol = policy if isinstance(policy, LoadedModel) else load_model(policy)
+    ref = reference if isinstance(reference, LoadedModel) else load_model(reference)
+    if pol.tokenizer_hash != ref.tokenizer_hash:
+        raise UserError(f"{ref.path}: the reference model's tokenizer differs from the policy's; expected the same")
+    r = beta * (_completion_logps(pol, pairs, batch_size) - _completion_logps(ref, pairs, batch_size))
+    margin = r[0::2] - r[1::2]
+    acc = (margin > 0).astype(float)
+    out = {"task": "dpo_accuracy", "version": PREF_VERSION, "n": len(pairs), "num_fewshot": 0, "scoring": f"implicit_reward(beta={beta})",
+           "reference_model": ref.path, **_summary(acc, "acc"), **_summary(margin, "margin")}
+    samples = [{"task": "dpo_accuracy", "doc_id": i, "chosen_reward": float(r[2 * i]), "rejected_reward": float(r[2 * i + 1])}
+               for i in range(len(pairs))]
+    return out, samples
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list:
+    """Prompts from JSONL rows with "prompt" (message list or string)."""
+    prompts = []
+    for i, row in _read_jsonl(path):
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise UserError(f"{path}:{i}: expected a 'prompt' field")
+        p = row["prompt"]
+        prompts.append(validate_messages(p, f"{path}:{i}: prompt") if isinstance(p, list) else str(p))
+        if limit and len(prompts) >= limit:
+            break
+    return prompts
+
+
+@torch.no_grad()
+def sample_responses(lm: LoadedModel, prompts: list, max_new_tokens: int = 64, temperature: float = 1.0,
+                     top_k: int = 0, seed: int = 0) -> list[dict]:
+    """One sampled response per prompt, seeded per prompt so results do not depend on order or batching."""
+    tok = lm.tokenizer
+    gen = getattr(lm.model, "generation_config", None)
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tok.eos_token_id
+    device = next(lm.model.parameters()).device
+    out = []
+    for i, p in enumerate(tqdm(prompts, desc=f"sampling {Path(lm.path).name}", leave=False)):
+        ids = encode_chat(tok, p, add_generation_prompt=True)["input_ids"] if isinstance(p, list) else encode_text(tok, p)
+        ids = ids[-(lm.max_length - max_new_tokens):]
+        torch.manual_seed(seed * 1_000_003 + i)
+        seq = lm.model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        stops = set(eos if isinstance(eos, list) else [eos])
+        text_ids = [t for t in seq if t not in stops and t != tok.pad_token_id]
+        out.append({"prompt_ids": ids, "response_ids": seq, "response": tok.decode(text_ids, skip_special_tokens=True)})
+    return out
+
+
+def win_rate(policy: str | LoadedModel, reference: str | LoadedModel, reward_model: str, prompts: list, max_new_tokens: int = 64,
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[dict, list[dict]]:
+    """Sample from policy and reference, score both with the reward model: win rate (ties count half) with a 95%
+    interval, and KL(policy || reference) estimated on the policy's samples (exact in expectation at temperature 1)."""
+    pol = policy if isinstance(policy, LoadedModel) else load_model(policy)
+    ref = reference if isinstance(reference, LoadedModel) else load_model(reference)
+    if pol.tokenizer_hash != ref.tokenizer_hash:
+        raise UserError(f"{ref.path}: the reference model's tokenizer differs from the policy's; expected the same")
+    rm, rm_tok = load_reward_model(reward_model)
+    ps = sample_responses(pol, prompts, max_new_tokens, temperature, seed=seed)
+    rs = sample_responses(ref, prompts, max_new_tokens, temperature, seed=seed)
+
+    def rm_ids(p, resp):
+        completion = [{"role": "assistant", "content": resp}] if isinstance(p, list) else resp
+        a, b = _prompt_and_completion(rm_tok, p, completion)
+        return a + b
+
+    rewards = reward_scores(rm, rm_tok, [rm_ids(p, s["response"]) for p, s in zip(prompts, ps)] +
+                            [rm_ids(p, s["response"]) for p, s in zip(prompts, rs)], batch_size)
+    r_pol, r_ref = np.array(rewards[:len(prompts)]), np.array(rewards[len(prompts):])
+    outcome = np.where(r_pol > r_ref, 1.0, np.where(r_pol < r_ref, 0.0, 0.5))
+    # KL(pi || ref) = E_{y~pi}[log pi(y|x) - log ref(y|x)], one Monte-Carlo sample per prompt
+    reqs = [(s["prompt_ids"], s["response_ids"]) for s in ps if s["response_ids"]]
+    lp_pol = np.array([x for x, _, _ in loglikelihoods(pol, reqs, batch_size=batch_size, desc="policy log-probs")])
+    lp_ref = np.array([x for x, _, _ in loglikelihoods(ref, reqs, batch_size=batch_size, desc="reference log-probs")])
+    kl = lp_pol - lp_ref if len(reqs) else np.zeros(1)
+    wr = _summary(outcome, "win_rate")
+    half = 1.96 * (wr["win_rate_stderr"] if len(outcome) > 1 else 0.5)
+    out = {"task": "win_rate", "version": PREF_VERSION, "n": len(prompts), "num_fewshot": 0, "scoring": "reward_model",
+           "reference_model": ref.path, "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
+           "temperature": temperature, **wr, "win_rate_ci95": [max(0.0, wr["win_rate"] - half), min(1.0, wr["win_rate"] + half)],
+           "reward_policy": float(r_pol.mean()), "reward_reference": float(r_ref.mean()), **_summary(kl, "kl")}
+    samples = [{"task": "win_rate", "doc_id": i, "prompt": prompts[i], "policy_response": ps[i]["response"],
+                "reference_response": rs[i]["response"], "policy_reward": float(r_pol[i]), "reference_reward": float(r_ref[i]),
+                "outcome": float(outcome[i])} for i in range(len(prompts))]
+    return out, samples

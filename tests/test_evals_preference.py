@@ -1,0 +1,95 @@
+"""Reward-model accuracy (padding-independent scoring), DPO implicit-reward accuracy, win rate and KL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evals.preference import (dpo_accuracy, load_reward_model, read_pairs, read_prompts, reward_accuracy, reward_scores,
+                              win_rate)
+from evals.scoring import load_model, loglikelihoods
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    """A random LlamaForSequenceClassification (num_labels=1, pad_token_id set) with the tiny tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(cfg)
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_policy(tiny_tokenizer_dir, tmp_path_factory):
+    from pretrain.export import ExportConfig, main
+
+    out = tmp_path_factory.mktemp("pol") / "policy"
+    main(ExportConfig(tokenizer=str(tiny_tokenizer_dir), preset="test", output_dir=str(out), seed=5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"How many {w}?"}], "chosen": [{"role": "assistant", "content": f"Three {w}."}],
+             "rejected": [{"role": "assistant", "content": "I do not know what you mean at all."}]} for w in ("cats", "dogs", "hills")]
+    rows.append({"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+                 "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."})  # hh-rlhf full-text dialogue
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_reward_scores_ignore_padding(reward_dir):
+    rm, tok = load_reward_model(str(reward_dir))
+    seqs = [tok.encode("the cat sat"), tok.encode("Alice likes the big red house and the river"), tok.encode("one")]
+    batched = reward_scores(rm, tok, seqs, batch_size=3)
+    with torch.no_grad():
+        single = [float(rm(torch.tensor([s])).logits[0, 0]) for s in seqs]  # no padding at all
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(np.round(batched, 4))) == 3
+
+
+def test_reward_accuracy(reward_dir, pairs_file):
+    pairs = read_pairs(pairs_file)
+    assert pairs[3] == {"prompt": "\n\nHuman: Hi there\n\nAssistant:", "chosen": " Hello! How can I help?", "rejected": " Go away."}
+    res, samples = reward_accuracy(str(reward_dir), pairs, batch_size=2)
+    margins = np.array([s["chosen_reward"] - s["rejected_reward"] for s in samples])
+    assert res["n"] == 4 and res["acc"] == pytest.approx(float((margins > 0).mean()))
+    assert res["margin"] == pytest.approx(float(margins.mean()))
+
+
+def test_dpo_accuracy(tiny_model_dir, other_policy, pairs_file):
+    pairs = read_pairs(pairs_file)
+    same, _ = dpo_accuracy(str(tiny_model_dir), str(tiny_model_dir), pairs)
+    assert same["margin"] == 0 and same["acc"] == 0  # identical models: no implicit reward
+    res, samples = dpo_accuracy(str(other_policy), str(tiny_model_dir), pairs, beta=0.5)
+    pol, ref = load_model(str(other_policy)), load_model(str(tiny_model_dir))
+    from evals.preference import _prompt_and_completion
+
+    p, c = _prompt_and_completion(pol.tokenizer, pairs[0]["prompt"], pairs[0]["chosen"])
+    expected = 0.5 * (loglikelihoods(pol, [(p, c)], progress=False)[0][0] - loglikelihoods(ref, [(p, c)], progress=False)[0][0])
+    assert samples[0]["chosen_reward"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_win_rate_and_kl(tiny_model_dir, other_policy, reward_dir, tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": "x"}) + "\n"
+                                              for q in ("Who has the cat?", "Count to three.", "Where is the hill?")))
+    prompts = read_prompts(tmp_path / "p.jsonl")
+    tie, _ = win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
+    assert tie["win_rate"] == 0.5 and tie["kl"] == pytest.approx(0.0, abs=1e-6)  # same model, same seeds: same samples
+    res, samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
+    assert len(samples) == 3 and any(s["policy_response"] != s["reference_response"] for s in samples)
+    outcome = [1.0 if s["policy_reward"] > s["reference_reward"] else 0.0 if s["policy_reward"] < s["reference_reward"] else 0.5 for s in samples]
+    assert res["win_rate"] == pytest.approx(np.mean(outcome))
+    assert res["win_rate_ci95"][0] <= res["win_rate"] <= res["win_rate_ci95"][1]
+    assert res["kl"] != 0 and np.isfinite(res["kl"])
