@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -217,3 +218,53 @@ def model_hash(path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def resume_or_start(output_dir, overwrite: bool, resume: bool = True) -> str | None:
+    """The checkpoint to resume from (the last `checkpoint-*` in output_dir), or None to start fresh.
+
+    A finished stage (merged/ exists) is an error unless overwrite is set; overwrite also discards old checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path exists and is not a directory")
+    if not out.exists():
+        return None
+    if overwrite:
+        for d in list(out.glob("checkpoint-*")) + [out / "merged", out / "adapter"]:
+            shutil.rmtree(d, ignore_errors=True)
+        return None
+    if (out / "merged").exists():
+        raise UserError(f"{out}: stage already finished (merged/ exists); pass --overwrite true to train again")
+    last = get_last_checkpoint(str(out)) if resume else None
+    if last:
+        print(f"resuming from {last}", file=sys.stderr)
+    return last
+
+
+def adapters_fp32(model) -> int:
+    """On CPU, cast trainable (LoRA) weights back to fp32; returns how many tensors were cast.
+
+    TRL casts QLoRA adapter weights to bf16 (the QLoRA paper's GPU recipe); without CUDA bf16 matmuls run ~25x
+    slower than fp32 on AVX2 CPUs, so we undo it there."""
+    if torch.cuda.is_available():
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (to report how many changed after training)."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def changed_parameters(model, snapshot: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(number of trainable tensors that changed since `snapshot`, number of trainable tensors)."""
+    now = dict(model.named_parameters())
+    changed = sum(not torch.equal(now[n].detach().float().cpu(), v) for n, v in snapshot.items() if n in now)
+    return changed, len(snapshot)
