@@ -268,3 +268,32 @@ def changed_parameters(model, snapshot: dict[str, torch.Tensor]) -> tuple[int, i
     now = dict(model.named_parameters())
     changed = sum(not torch.equal(now[n].detach().float().cpu(), v) for n, v in snapshot.items() if n in now)
     return changed, len(snapshot)
+
+
+@torch.no_grad()
+def reward_scores(model, sequences: list[list[int]], pad_token_id: int, padding_side: str = "right",
+                  batch_size: int = 16) -> torch.Tensor:
+    """Scalar rewards of token sequences, read at each sequence's last real token.
+
+    Pads on `padding_side` and passes explicit position ids, so the score of a sequence does not depend on the
+    padding side or on its batch neighbours. Returns a float32 tensor (N,)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i : i + batch_size]
+        T = max(len(s) for s in batch)
+        ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for j, s in enumerate(batch):
+            sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+            ids[j, sl] = torch.tensor(s, dtype=torch.long)
+            mask[j, sl] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0.. over real tokens whatever the padding side
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+        out.append(logits.float().reshape(len(batch), -1)[:, 0].cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
