@@ -297,3 +297,17 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, padding_
         out.append(logits.float().reshape(len(batch), -1)[:, 0].cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def tokenizer_hash(path) -> str:
+    """A short content hash of a model directory's tokenizer files."""
+    p = Path(str(path))
+    files = sorted(f for f in p.glob("*") if f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
+                                                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"))
+    if not files:
+        raise UserError(f"{p}: no tokenizer files to hash; expected tokenizer.json (or tokenizer.model)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
