@@ -19,6 +19,8 @@ DPO_LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 
+_cpu_note_shown = False
+
 
 def cpu_overrides(argv: list[str] | None) -> list[str]:
     """Without CUDA, append `--use_cpu true --bf16 false --fp16 false` to a stage's command line.
@@ -30,8 +32,11 @@ def cpu_overrides(argv: list[str] | None) -> list[str]:
 
     import torch
 
+    global _cpu_note_shown
     argv = list(sys.argv[1:] if argv is None else argv)
     if torch.cuda.is_available() or any(a in ("-h", "--help") for a in argv):
         return argv
-    print("note: no CUDA device; training on CPU in fp32 (use_cpu=True, bf16=False)", file=sys.stderr)
+    if not _cpu_note_shown:
+        print("note: no CUDA device; training on CPU in fp32 (use_cpu=True, bf16=False)", file=sys.stderr)
+        _cpu_note_shown = True
     return argv + ["--use_cpu", "true", "--bf16", "false", "--fp16", "false"]

@@ -70,11 +70,19 @@ def check_model_dir(path, where: str = "model") -> Path:
     return p
 
 
-def load_tokenizer(path):
-    """Load the tokenizer saved with a model, making sure it has a pad token (pad = eos when missing)."""
+def load_tokenizer(path, chat_template_path: str | None = None):
+    """Load the tokenizer saved with a model; optionally replace its chat template with a .jinja file.
+
+    A hub model's own template usually lacks `{% generation %}` markers (no assistant mask): give ours
+    (recipes/templates/chatml.jinja) for ChatML-vocabulary models such as Qwen2.5. A missing pad token becomes eos."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
+    if chat_template_path:
+        p = Path(chat_template_path)
+        if not p.is_file() or p.suffix not in (".jinja", ".j2"):
+            raise UserError(f"chat_template_path: {p}: expected an existing .jinja file")
+        tok.chat_template = p.read_text()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -163,7 +163,7 @@ def main(cfg) -> dict:
     # data: pairs -> prompt / chosen / rejected token ids (special-token safe), and a held-out split
     from alignment.data import tokenize_preference
 
-    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
     pairs, wheres = load_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
         eval_pairs, eval_wheres = load_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
@@ -214,7 +214,7 @@ def main(cfg) -> dict:
     paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
     save_config(args.output_dir, script, args, model_args)
     summary = {
-        "train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_rows),
+        "train_loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint, "train_pairs": len(train_rows),
         "eval_pairs": len(eval_rows), "loss_type": list(args.loss_type), "beta": args.beta,
         "eval_preference_accuracy_before": acc_before, "eval_preference_accuracy_after": acc_after,
         "eval_implicit_reward_accuracy": implicit if eval_rows else None,

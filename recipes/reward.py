@@ -94,7 +94,7 @@ def main(cfg) -> dict:
     checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
 
     # data: pairs -> (prompt + reply) token ids, special-token safe; a held-out split for the health gate
-    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
     pairs, wheres = load_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
         eval_pairs, eval_wheres = load_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
@@ -143,7 +143,7 @@ def main(cfg) -> dict:
                                         extra_files={"reward_stats.json": stats})
     save_config(args.output_dir, script, args, model_args)
     summary = {
-        "train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_rows),
+        "train_loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint, "train_pairs": len(train_rows),
         **health, "reward_stats": stats, "trainable_params": trainable, "total_params": total,
         "changed_tensors": changed, "trainable_tensors": n_tensors, "merged": str(paths["merged"]),
         "adapter": str(paths["adapter"]) if paths["adapter"] else None, "seconds": time.time() - t0,

@@ -63,7 +63,10 @@ def main(cfg) -> dict:
     checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
 
     # data: rows -> conversations -> input_ids + assistant_masks (special-token safe)
-    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
+    if args.assistant_only_loss and "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation", "{% generation"):
+        raise UserError(f"{model_args.model_name_or_path}: the chat template has no {{% generation %}} markers, so no assistant "
+                        "mask; set chat_template_path: recipes/templates/chatml.jinja (ChatML vocabularies) or assistant_only_loss: false")
     convs, wheres = load_conversations(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
         eval_convs, eval_wheres = load_conversations(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
@@ -106,6 +109,7 @@ def main(cfg) -> dict:
         "eval_loss": eval_metrics.get("eval_loss"),
         "eval_ppl": math.exp(eval_metrics["eval_loss"]) if "eval_loss" in eval_metrics else None,
         "steps": result.global_step,
+        "resumed_from": checkpoint,
         "train_examples": len(train_rows),
         "eval_examples": len(eval_rows),
         "loss_tokens": n_target,
