@@ -43,6 +43,7 @@ class DPOScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out pairs."})
     invalid_rows: str = field(default="error", metadata={"help": "A row that does not fit: 'error' (stop, naming it) or 'skip' (count)."})
     too_long: str = field(default="truncate", metadata={"help": "Pairs over max_length: 'truncate' (keep the prompt's end), 'drop' or 'error'."})
+    chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja chat template replacing the model's (DPOConfig has no such key)."})
     ref_cache_dir: str = field(default="runs/cache/dpo_ref_logps", metadata={"help": "Directory of cached reference log-probs (shared by runs)."})
     overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a finished stage."})
 
@@ -163,7 +164,7 @@ def main(cfg) -> dict:
     # data: pairs -> prompt / chosen / rejected token ids (special-token safe), and a held-out split
     from alignment.data import tokenize_preference
 
-    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, script.chat_template_path)
     pairs, wheres = load_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
         eval_pairs, eval_wheres = load_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
