@@ -203,9 +203,24 @@ def save_stage_outputs(model, tokenizer, input_model_path, output_dir, kind: str
         src_gen = Path(str(input_model_path)) / "generation_config.json"
         if src_gen.is_file():  # keep the stop ids (end of text, end of turn) of the input model
             shutil.copy(src_gen, tmp / "generation_config.json")
+        _stop_at_end_of_turn(tmp, tokenizer)
         for name, obj in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     return {"adapter": adapter_dir, "merged": out / "merged"}
+
+
+def _stop_at_end_of_turn(model_dir: Path, tokenizer) -> None:
+    """Make generation stop at <|im_end|> too: a hub base model's generation config knows only its end of text."""
+    from transformers import GenerationConfig
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(im_end, int) or im_end == tokenizer.unk_token_id or not (model_dir / "generation_config.json").is_file():
+        return
+    gen = GenerationConfig.from_pretrained(str(model_dir))
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id] if gen.eos_token_id is not None else []
+    if im_end not in eos:
+        gen.eos_token_id = eos + [im_end]
+        gen.save_pretrained(str(model_dir))
 
 
 def _quantized(model) -> bool:
@@ -213,9 +228,26 @@ def _quantized(model) -> bool:
     return bool(getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False))
 
 
-def model_hash(path) -> str:
-    """A short content hash of a model directory's config and weight files (keys caches of model outputs)."""
+def _local_dir(path) -> Path:
+    """A local directory for `path`: itself, or the cached hub snapshot of a hub name (named by its commit)."""
     p = Path(str(path))
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True, allow_patterns=["*.json"]))
+    except Exception:
+        raise UserError(f"{path}: not a local model directory and not in the hub cache; expected a model directory") from None
+
+
+def model_hash(path) -> str:
+    """A short content hash of a model directory's config and weight files (keys caches of model outputs).
+
+    For a hub model the snapshot's commit id (its directory name) stands for the content."""
+    p = _local_dir(path)
+    if not Path(str(path)).is_dir():
+        return hashlib.sha256(f"{path}@{p.name}".encode()).hexdigest()[:16]
     h = hashlib.sha256()
     files = sorted(list(p.glob("config.json")) + list(p.glob("*.safetensors")) + list(p.glob("*.bin")))
     if not files:
@@ -309,7 +341,7 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, padding_
 
 def tokenizer_hash(path) -> str:
     """A short content hash of a model directory's tokenizer files."""
-    p = Path(str(path))
+    p = _local_dir(path)
     files = sorted(f for f in p.glob("*") if f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
                                                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"))
     if not files:
