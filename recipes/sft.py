@@ -82,7 +82,7 @@ def main(cfg) -> dict:
         train_rows = [{"input_ids": r["input_ids"]} for r in train_rows]
         eval_rows = [{"input_ids": r["input_ids"]} for r in eval_rows]
     # TRL's own assistant_only_loss re-renders `messages`; our rows are already tokenized with the mask
-    args.assistant_only_loss = False
+    assistant_only, args.assistant_only_loss = args.assistant_only_loss, False
     train_ds = Dataset.from_list(train_rows)
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     if eval_ds is None:
@@ -103,6 +103,7 @@ def main(cfg) -> dict:
 
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
     paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    args.assistant_only_loss = assistant_only  # config.yaml records what the user asked for
     save_config(args.output_dir, script, args, model_args)
     summary = {
         "train_loss": result.training_loss,
