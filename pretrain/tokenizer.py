@@ -180,6 +180,8 @@ def main(cfg: TokenizerConfig) -> dict:
     train_docs, held_docs = split_heldout(docs, cfg.heldout_fraction)
 
     tok = build_tokenizer(train_docs, cfg)
+    if len(tok) < cfg.vocab_size:
+        print(f"note: the corpus supports only {len(tok)} tokens (asked for {cfg.vocab_size}); BPE ran out of pairs to merge", file=sys.stderr)
     held_lines = [ln for d in held_docs for ln in d.split("\n")]
     ours, n_bytes, n_tok = bytes_per_token(lambda s: encode_text(tok, s), held_lines)
     report = {
