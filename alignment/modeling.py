@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -216,4 +217,97 @@ def model_hash(path) -> str:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resume_or_start(output_dir, overwrite: bool, resume: bool = True) -> str | None:
+    """The checkpoint to resume from (the last `checkpoint-*` in output_dir), or None to start fresh.
+
+    A finished stage (merged/ exists) is an error unless overwrite is set; overwrite also discards old checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path exists and is not a directory")
+    if not out.exists():
+        return None
+    if overwrite:
+        for d in list(out.glob("checkpoint-*")) + [out / "merged", out / "adapter"]:
+            shutil.rmtree(d, ignore_errors=True)
+        return None
+    if (out / "merged").exists():
+        raise UserError(f"{out}: stage already finished (merged/ exists); pass --overwrite true to train again")
+    last = get_last_checkpoint(str(out)) if resume else None
+    if last:
+        print(f"resuming from {last}", file=sys.stderr)
+    return last
+
+
+def adapters_fp32(model) -> int:
+    """On CPU, cast trainable (LoRA) weights back to fp32; returns how many tensors were cast.
+
+    TRL casts QLoRA adapter weights to bf16 (the QLoRA paper's GPU recipe); without CUDA bf16 matmuls run ~25x
+    slower than fp32 on AVX2 CPUs, so we undo it there."""
+    if torch.cuda.is_available():
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters (to report how many changed after training)."""
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def changed_parameters(model, snapshot: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(number of trainable tensors that changed since `snapshot`, number of trainable tensors)."""
+    now = dict(model.named_parameters())
+    changed = sum(not torch.equal(now[n].detach().float().cpu(), v) for n, v in snapshot.items() if n in now)
+    return changed, len(snapshot)
+
+
+@torch.no_grad()
+def reward_scores(model, sequences: list[list[int]], pad_token_id: int, padding_side: str = "right",
+                  batch_size: int = 16) -> torch.Tensor:
+    """Scalar rewards of token sequences, read at each sequence's last real token.
+
+    Pads on `padding_side` and passes explicit position ids, so the score of a sequence does not depend on the
+    padding side or on its batch neighbours. Returns a float32 tensor (N,)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i : i + batch_size]
+        T = max(len(s) for s in batch)
+        ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for j, s in enumerate(batch):
+            sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+            ids[j, sl] = torch.tensor(s, dtype=torch.long)
+            mask[j, sl] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0.. over real tokens whatever the padding side
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+        out.append(logits.float().reshape(len(batch), -1)[:, 0].cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def tokenizer_hash(path) -> str:
+    """A short content hash of a model directory's tokenizer files."""
+    p = Path(str(path))
+    files = sorted(f for f in p.glob("*") if f.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
+                                                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"))
+    if not files:
+        raise UserError(f"{p}: no tokenizer files to hash; expected tokenizer.json (or tokenizer.model)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]

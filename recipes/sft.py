@@ -1,0 +1,136 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: assistant-only loss, LoRA, 8-bit / 4-bit.
+
+    align sft --config recipes/tiny/sft.yaml
+    align sft --config recipes/hh/sft.yaml --model_name_or_path runs/hh/base --output_dir runs/hh/sft
+
+Data (messages, prompt/completion or alpaca rows) is rendered with the model's chat template and tokenized here by
+`alignment.tokens.encode_chat`, so TRL receives `input_ids` + `assistant_masks` and only builds labels from them:
+the loss covers assistant replies and their end-of-turn token `<|im_end|>` (that is how the model learns to stop).
+Writes `<output_dir>/merged/` (the next stage's input), `<output_dir>/adapter/` with LoRA, and `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+from alignment.config import cpu_fallback, parse_config, save_config
+from alignment.errors import UserError, exit_on_user_error
+
+
+@dataclass
+class SFTScriptArguments:
+    """Data and run options of the SFT stage (the model is `model_name_or_path`, training is SFTConfig)."""
+
+    train_data: list[str] = field(default_factory=list, metadata={"help": "Sources PATH_OR_HUB_NAME[@WEIGHT]: .json/.jsonl/.parquet/.csv(.gz) or hub names."})
+    eval_data: list[str] = field(default_factory=list, metadata={"help": "Held-out sources for eval loss (else eval_fraction of train_data)."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of train_data held out for eval loss when eval_data is empty."})
+    dataset_split: str = field(default="train", metadata={"help": "Split read from hub datasets in train_data."})
+    eval_split: str = field(default="test", metadata={"help": "Split read from hub datasets in eval_data."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training conversations (after mixing)."})
+    invalid_rows: str = field(default="error", metadata={"help": "A row that does not fit: 'error' (stop, naming it) or 'skip' (count)."})
+    too_long: str = field(default="truncate", metadata={"help": "Conversations over max_length: 'truncate', 'drop' or 'error'."})
+    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a finished stage."})
+
+
+def load_conversations(specs, split, seed, invalid_rows, label):
+    """Rows of a mixture -> validated chat conversations (and the place each came from)."""
+    from alignment.data import convert_rows, load_mixture, sft_messages
+
+    rows = load_mixture(specs, split=split, seed=seed)
+    kept = convert_rows(rows, lambda r: (sft_messages(r), r.where), invalid_rows, label)
+    return [c for c, _ in kept], [w for _, w in kept]
+
+
+def main(cfg) -> dict:
+    """Load data and model, train with SFTTrainer (resuming from the last checkpoint), save adapter + merged."""
+    from datasets import Dataset
+
+    from alignment import modeling
+    from alignment.compat import SFTTrainer
+    from alignment.data import split_holdout, tokenize_sft
+
+    script, args, model_args = cfg
+    t0 = time.time()
+    if not script.train_data:
+        raise UserError("train_data: expected at least one data source")
+    if not model_args.model_name_or_path:
+        raise UserError("model_name_or_path: expected the input model directory (e.g. runs/tiny/base)")
+    cpu_fallback(args)
+    modeling.check_model_dir(model_args.model_name_or_path, "model_name_or_path")
+    checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
+
+    # data: rows -> conversations -> input_ids + assistant_masks (special-token safe)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path)
+    convs, wheres = load_conversations(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
+    if script.eval_data:
+        eval_convs, eval_wheres = load_conversations(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
+    else:
+        train_part, eval_part = split_holdout(list(zip(convs, wheres)), script.eval_fraction, args.seed)
+        convs, wheres = [c for c, _ in train_part], [w for _, w in train_part]
+        eval_convs, eval_wheres = [c for c, _ in eval_part], [w for _, w in eval_part]
+    if script.max_train_samples:
+        convs, wheres = convs[: script.max_train_samples], wheres[: script.max_train_samples]
+    train_rows = tokenize_sft(tokenizer, list(convs), args.max_length, script.too_long, "train_data", list(wheres))
+    eval_rows = tokenize_sft(tokenizer, list(eval_convs), args.max_length, script.too_long, "eval_data", list(eval_wheres)) if eval_convs else []
+    if not args.assistant_only_loss:  # train on every token: drop the mask so TRL's labels = input_ids
+        train_rows = [{"input_ids": r["input_ids"]} for r in train_rows]
+        eval_rows = [{"input_ids": r["input_ids"]} for r in eval_rows]
+    # TRL's own assistant_only_loss re-renders `messages`; our rows are already tokenized with the mask
+    args.assistant_only_loss = False
+    train_ds = Dataset.from_list(train_rows)
+    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
+    if eval_ds is None:
+        args.eval_strategy = "no"
+    n_target = sum(sum(r["assistant_masks"]) if "assistant_masks" in r else len(r["input_ids"]) for r in train_rows)
+
+    # model: fp32 on CPU, optional 8/4-bit base + LoRA on attention and MLP projections
+    model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, args.gradient_checkpointing)
+    if model_args.use_peft:
+        model = modeling.add_lora(model, model_args, "CAUSAL_LM")
+    trainable, total = modeling.count_parameters(model)
+    before = modeling.trainable_snapshot(model)
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    modeling.adapters_fp32(trainer.model)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+
+    changed, n_tensors = modeling.changed_parameters(trainer.model, before)
+    paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    save_config(args.output_dir, script, args, model_args)
+    summary = {
+        "train_loss": result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_ppl": math.exp(eval_metrics["eval_loss"]) if "eval_loss" in eval_metrics else None,
+        "steps": result.global_step,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "loss_tokens": n_target,
+        "trainable_params": trainable,
+        "total_params": total,
+        "changed_tensors": changed,
+        "trainable_tensors": n_tensors,
+        "merged": str(paths["merged"]),
+        "adapter": str(paths["adapter"]) if paths["adapter"] else None,
+        "seconds": time.time() - t0,
+    }
+    eval_txt = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
+    print(f"sft: {summary['steps']} steps on {len(train_rows)} conversations, train loss {result.training_loss:.4f}{eval_txt}; "
+          f"{trainable:,}/{total:,} params trainable, {changed}/{n_tensors} tensors changed; "
+          f"merged -> {paths['merged']} in {summary['seconds']:.0f}s", file=sys.stderr)
+    return summary
+
+
+@exit_on_user_error
+def cli(argv=None) -> dict:
+    """`align sft --config FILE.yaml [--key value ...]`."""
+    from alignment.compat import ModelConfig, SFTConfig, cpu_overrides
+
+    return main(parse_config([SFTScriptArguments, SFTConfig, ModelConfig], cpu_overrides(argv)))
+
+
+if __name__ == "__main__":
+    cli()
