@@ -201,31 +201,35 @@ class ValueHead(nn.Module):
 # rollouts
 
 
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class PPOHyper:
-    """The knobs of one PPO update (a subset of the stage config, so tests can build it directly)."""
+    """The knobs of PPO itself (the stage config extends these, so tests can build them directly)."""
 
-    rollout_batch_size: int = 16
-    mini_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_ppo_epochs: int = 4
-    response_length: int = 32
-    temperature: float = 1.0
-    learning_rate: float = 1e-4
-    max_grad_norm: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    kl_coef: float = 0.05
-    kl_controller: str = "fixed"
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    whiten_rewards: bool = False
-    missing_eos_penalty: float = 1.0
-    seed: int = 0
+    rollout_batch_size: int = _f(16, "Prompts (episodes) per PPO update.")
+    mini_batch_size: int = _f(8, "Episodes per optimizer step; rollout_batch_size must be a multiple of it.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per minibatch (mini_batch_size must be a multiple of it).")
+    num_ppo_epochs: int = _f(4, "Passes over each rollout batch.")
+    response_length: int = _f(32, "Maximum new tokens per response.")
+    temperature: float = _f(1.0, "Sampling temperature of rollouts (log-probs use the same temperature).")
+    learning_rate: float = _f(1e-4, "AdamW learning rate (policy LoRA and value head).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    gamma: float = _f(1.0, "Discount factor.")
+    lam: float = _f(0.95, "GAE lambda.")
+    cliprange: float = _f(0.2, "PPO policy ratio clip range.")
+    cliprange_value: float = _f(0.2, "Value clip range around the rollout's values.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    kl_coef: float = _f(0.05, "Initial KL penalty coefficient (>= 0).")
+    kl_controller: str = _f("fixed", "fixed or adaptive (Ziegler et al. 2019).")
+    kl_target: float = _f(6.0, "Adaptive controller: target KL per response (nats).")
+    kl_horizon: int = _f(10000, "Adaptive controller: horizon in episodes.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3 (non-negative).")
+    whiten_rewards: bool = _f(False, "Whiten per-token rewards (scale only) before GAE.")
+    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a response that never reaches end of turn.")
+    seed: int = _f(0, "Seed of prompt order, sampling and initialisation.")
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,23 +354,39 @@ class PPO:
             return forward_response(self.policy, None, query, query_mask, response, response_mask, self.hp.temperature, need_values=False)[0]
 
     @torch.no_grad()
+    def rollout(self, rows: list[dict], reference: bool = False):
+        """Sample responses (from the reference when `reference`). Returns query, query_mask, response, mask, ended, texts."""
+        hp = self.hp
+        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id)
+        query, query_mask = query.to(self.device), query_mask.to(self.device)
+        kw = dict(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
+                  max_new_tokens=hp.response_length, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        if reference and self.ref_model is not None:
+            out = self.ref_model.generate(**kw)
+        elif reference:
+            with self.policy.disable_adapter():
+                out = self.policy.generate(**kw)
+        else:
+            out = self.policy.generate(**kw)
+        response, response_mask, ended = truncate_at_stop(out[:, query.shape[1]:], self.stop_ids, self.pad_id)
+        texts = [response_content(self.tokenizer.decode(r[m.bool()], skip_special_tokens=False)) for r, m in zip(response, response_mask)]
+        return query, query_mask, response, response_mask, ended, texts
+
+    def scores(self, rows, texts, response, response_mask, ended) -> torch.Tensor:
+        """Normalised reward-model (or programmatic) scores minus the penalty for responses that never end, (B,)."""
+        s = self.score_fn([r["prompt"] for r in rows], texts, response, response_mask).to(self.device).float()
+        return s - self.hp.missing_eos_penalty * (~ended).float()
+
+    @torch.no_grad()
     def make_experience(self, rows: list[dict]) -> Experience:
         """Generate, score and compute per-token rewards, advantages and returns for a batch of prompts."""
         hp = self.hp
         self.policy.eval()
         self.value_head.eval()
-        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id)
-        query, query_mask = query.to(self.device), query_mask.to(self.device)
-        out = self.policy.generate(
-            input_ids=query, attention_mask=query_mask, do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=hp.response_length, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-        )
-        response, response_mask, ended = truncate_at_stop(out[:, query.shape[1]:], self.stop_ids, self.pad_id)
+        query, query_mask, response, response_mask, ended, texts = self.rollout(rows)
         logprobs, values = forward_response(self.policy, self.value_head, query, query_mask, response, response_mask, hp.temperature)
         ref_logprobs = self.ref_logprobs(query, query_mask, response, response_mask)
-        texts = [response_content(self.tokenizer.decode(r[m.bool()], skip_special_tokens=False)) for r, m in zip(response, response_mask)]
-        scores = self.score_fn([r["prompt"] for r in rows], texts, response, response_mask).to(self.device).float()
-        scores = scores - hp.missing_eos_penalty * (~ended).float()
+        scores = self.scores(rows, texts, response, response_mask, ended)
 
         mask = response_mask.float()
         kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (B, R)
@@ -405,7 +425,7 @@ class PPO:
                     (loss / hp.gradient_accumulation_steps).backward()
                     for k, v in (("pg", pg["loss"]), ("vf", vf["loss"]), ("pg_clip", pg["clipfrac"]), ("vf_clip", vf["clipfrac"]),
                                  ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]), ("entropy", masked_mean(-logprobs, mask))):
-                        stats[k].append(float(v))
+                        stats[k].append(float(v.detach()))
                 if hp.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
                 self.optimizer.step()
@@ -447,6 +467,24 @@ class PPO:
         self.history.append(metrics)
         self.last_texts = exp.texts
         return metrics
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict], batch_size: int = 16) -> dict:
+        """Score policy and reference responses to the same prompts: mean scores, KL of the policy, win rate."""
+        self.policy.eval()
+        pol, ref, kls = [], [], []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i: i + batch_size]
+            q, qm, r, rm, ended, texts = self.rollout(chunk)
+            pol.append(self.scores(chunk, texts, r, rm, ended))
+            lp, _ = forward_response(self.policy, None, q, qm, r, rm, self.hp.temperature, need_values=False)
+            kls.append((kl_estimate(lp, self.ref_logprobs(q, qm, r, rm), "k1") * rm).sum(1))
+            q, qm, r, rm, ended, texts = self.rollout(chunk, reference=True)
+            ref.append(self.scores(chunk, texts, r, rm, ended))
+        pol, ref, kls = torch.cat(pol), torch.cat(ref), torch.cat(kls)
+        win = float(((pol > ref).float() + 0.5 * (pol == ref).float()).mean())
+        return {"score_policy": float(pol.mean()), "score_reference": float(ref.mean()), "kl": float(kls.mean()),
+                "win_rate": win, "n": len(rows)}
 
     # -- checkpoint ------------------------------------------------------------------------------------------
 
@@ -603,24 +641,11 @@ class RewardModelScorer:
     @torch.no_grad()
     def raw(self, conversations: list[list[dict]]) -> torch.Tensor:
         """Unnormalised reward-model scores of full conversations, (N,)."""
+        from .modeling import reward_scores
         from .tokens import encode_chat
 
-        device = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(conversations), self.batch_size):
-            seqs = [encode_chat(self.tokenizer, c)["input_ids"] for c in conversations[i: i + self.batch_size]]
-            L = max(map(len, seqs))
-            ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for j, s in enumerate(seqs):  # right padding: the score is read at each sequence's own last token
-                ids[j, : len(s)] = torch.tensor(s)
-                att[j, : len(s)] = 1
-            ids, att = ids.to(device), att.to(device)
-            backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # (b, L, H)
-            logits = self.model.score(hidden).float()[..., 0]  # (b, L)
-            out.append(logits[torch.arange(len(seqs)), att.sum(1) - 1].cpu())
-        return torch.cat(out)
+        seqs = [encode_chat(self.tokenizer, c)["input_ids"] for c in conversations]
+        return reward_scores(self.model, seqs, self.pad_id, batch_size=self.batch_size)
 
     def __call__(self, prompts, texts, response=None, response_mask=None) -> torch.Tensor:
         """Normalised scores (N,) of each prompt followed by the assistant response text."""
