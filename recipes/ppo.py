@@ -25,7 +25,7 @@ from alignment.config import parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_dir, atomic_write_json, check_output_dir
 from alignment.ppo import (PPO, PPOHyper, RewardModelScorer, ValueHead, check_same_tokenizer, encode_prompts,
-                           plot_curves, read_prompt_rows, reward_stats)
+                           kl_controller, plot_curves, read_prompt_rows, reward_stats)
 
 
 @dataclass
@@ -93,6 +93,7 @@ def main(cfg) -> dict:
         raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
     check_model_dir(model_args.model_name_or_path, "model_name_or_path")
     check_model_dir(cfg.reward_model, "reward_model")
+    kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)  # kl_coef < 0 etc.: fail before loading
     if cfg.num_updates < 1:
         raise UserError(f"num_updates: expected >= 1, got {cfg.num_updates}")
     resume = cfg.resume_from_checkpoint

@@ -13,6 +13,15 @@ from alignment.ppo import PPO, PPOHyper, ValueHead, encode_prompts
 TARGET = range(100, 164)  # token ids the programmatic reward pays for: 1/8 of the 512-token vocabulary
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and CI shares its cores with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def steerable_model_dir(tmp_path_factory, tiny_model_dir):
     """The random 'test' Llama with embeddings scaled x4.
@@ -93,3 +102,96 @@ def test_resume_gives_the_same_next_update(steerable_model_dir, tmp_path):
         assert n3[k] == m3[k], k
     sa, sb = a.trainable_state(), b.trainable_state()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- the `align ppo` stage -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory, tiny_model_dir):
+    """A random 1-label reward model on the same tokenizer, with reward_stats.json beside its weights."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rm") / "merged"
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rl") / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Where is the cat {i}?"}], "answer": "house"} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def stage_argv(model_dir, reward_dir, prompts, out, *extra):
+    return ["--model_name_or_path", str(model_dir), "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
+            "--reward_model", str(reward_dir), "--prompts", str(prompts), "--output_dir", str(out),
+            "--rollout_batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--num_ppo_epochs", "1", "--response_length", "6", "--eval_prompts", "3", "--num_updates", "2",
+            "--save_steps", "1", *extra]
+
+
+def test_stage_writes_outputs_and_resumes(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """Two updates through `align ppo`: adapter + merged (loadable, differs from the SFT model), logs, curves,
+    summary; then --resume_from_checkpoint latest continues at update 3."""
+    from transformers import AutoModelForCausalLM
+
+    from recipes.ppo import cli
+
+    out = tmp_path / "ppo"
+    s = cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, out))
+    for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json", "value_head.pt",
+                 "metrics.jsonl", "summary.json", "config.yaml", "checkpoints/step_000001/state.json", "checkpoints/step_000002/optimizer.pt"):
+        assert (out / name).exists(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert s["updates"] == 2 and s["eval_after"]["n"] == 3 and 0.0 <= s["eval_after"]["win_rate"] <= 1.0
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    diffs = [not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values())]
+    assert any(diffs)  # LoRA updates were merged in
+    s2 = cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, out, "--num_updates", "3", "--resume_from_checkpoint", "latest"))
+    assert s2["updates"] == 3
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def _fails(argv, capsys, match: str, out):
+    from recipes.ppo import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err[-1].startswith("error: ") and match in err[-1], err[-1]
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_input_is_one_line_exit_2(tiny_model_dir, reward_dir, prompts_file, tmp_path, capsys):
+    """Negative kl_coef; reward model without stats; reward tokenizer differing from the policy's; prompt too long."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "ppo"
+    _fails(stage_argv(tiny_model_dir, reward_dir, prompts_file, out, "--kl_coef", "-0.1"), capsys, "kl_coef", out)
+
+    no_stats = tmp_path / "rm_nostats"
+    shutil.copytree(reward_dir, no_stats)
+    (no_stats / "reward_stats.json").unlink()
+    _fails(stage_argv(tiny_model_dir, no_stats, prompts_file, out), capsys, "normalize_reward: false", out)
+
+    other_tok = tmp_path / "rm_othertok"
+    shutil.copytree(reward_dir, other_tok)
+    tok = AutoTokenizer.from_pretrained(other_tok)
+    tok.add_tokens(["zebra-crossing"])
+    tok.save_pretrained(other_tok)
+    _fails(stage_argv(tiny_model_dir, other_tok, prompts_file, out), capsys, "tokenizer differs", out)
+
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "the cat sat " * 200}]}) + "\n")
+    _fails(stage_argv(tiny_model_dir, reward_dir, long_prompts, out), capsys, "exceeds the model context", out)
