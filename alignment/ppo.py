@@ -684,3 +684,108 @@ def plot_curves(history: list[dict], path: str | Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading shared by `align ppo`, `align rloo` and `align grpo`
+
+
+def load_reward_model(path: str, load_in_8bit: bool, device):
+    """The frozen reward model (AutoModelForSequenceClassification, 1 label), optionally 8-bit."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import quantization_config
+
+    q = quantization_config(type("RewardArgs", (), {"load_in_8bit": load_in_8bit, "load_in_4bit": False})())
+    kw = {"quantization_config": q, "device_map": {"": str(device)}} if q is not None else {}
+    rm = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32 if q is None else torch.float16, **kw)
+    if q is None:
+        rm.to(device)
+    return rm.eval().requires_grad_(False)
+
+
+@dataclass
+class OnlineRLArguments:
+    """Reward model and prompts for `align rloo` / `align grpo` (training: TRL's RLOOConfig / GRPOConfig)."""
+
+    reward_model: str = _f("runs/tiny/reward/merged", "Reward model directory (sequence classification, 1 label).")
+    normalize_reward: bool = _f(True, "Normalise scores with <reward_model>/reward_stats.json (false = raw scores).")
+    reward_load_in_8bit: bool = _f(False, "Load the reward model in 8-bit (bitsandbytes).")
+    reward_batch_size: int = _f(16, "Sequences per reward-model forward pass.")
+    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a completion that never reaches end of turn.")
+    prompts: str = _f("runs/tiny/data/rl/prompts.jsonl", "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues.")
+    max_prompts: int = _f(0, "Use at most this many prompts (0 = all).")
+    overwrite: bool = _f(False, "Replace an existing output directory (else resume from its last checkpoint).")
+
+
+def run_trl_online(trainer_name: str, cfg) -> dict:
+    """`align rloo` / `align grpo`: TRL's RLOOTrainer / GRPOTrainer with our reward model, prompts and outputs.
+
+    cfg: (OnlineRLArguments, RLOOConfig | GRPOConfig, ModelConfig)."""
+    import time
+
+    import trl
+    from datasets import Dataset
+    from transformers import AutoConfig
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .config import cpu_fallback, save_config
+    from .io import atomic_write_json, check_output_dir
+    from .modeling import check_model_dir, load_model, load_tokenizer, lora_config, save_stage_outputs
+
+    script, args, model_args = cfg
+    t0 = time.time()
+    cpu_fallback(args)
+    if not model_args.model_name_or_path:
+        raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
+    check_model_dir(model_args.model_name_or_path, "model_name_or_path")
+    check_model_dir(script.reward_model, "reward_model")
+    if args.beta < 0:
+        raise UserError(f"beta: expected the KL coefficient >= 0, got {args.beta}")
+    out = Path(args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() and not script.overwrite else None
+    if last is None:
+        check_output_dir(out, script.overwrite)
+    mean, std = reward_stats(script.reward_model, script.normalize_reward)
+    tok = load_tokenizer(model_args.model_name_or_path)
+    check_same_tokenizer(tok, load_tokenizer(script.reward_model), model_args.model_name_or_path, script.reward_model)
+    context = AutoConfig.from_pretrained(model_args.model_name_or_path).max_position_embeddings
+    rows = read_prompt_rows(script.prompts, script.max_prompts)
+    encode_prompts(tok, rows, context, args.max_completion_length or 0, script.prompts)  # length check only
+    dataset = Dataset.from_list([{"prompt": msgs} for _, msgs in rows])
+    stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = RewardModelScorer(load_reward_model(script.reward_model, script.reward_load_in_8bit, device), tok, mean, std,
+                               script.reward_batch_size)
+
+    def reward_model(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        """Normalised reward-model score of each prompt + completion, minus the missing end-of-turn penalty."""
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        s = scorer(prompts, [response_content(t) for t in texts])
+        if completion_ids is not None:
+            ended = torch.tensor([any(i in stop_ids for i in ids) for ids in completion_ids])
+            s = s - script.missing_eos_penalty * (~ended).float()
+        return s.tolist()
+
+    if out.exists() and script.overwrite:
+        import shutil
+
+        shutil.rmtree(out)
+    policy = load_model(model_args.model_name_or_path, model_args, kind="causal", tokenizer=tok)
+    trainer_cls = getattr(trl, trainer_name)
+    trainer = trainer_cls(model=policy, reward_funcs=reward_model, args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=lora_config(model_args) if model_args.use_peft else None)
+    result = trainer.train(resume_from_checkpoint=last)
+    save_stage_outputs(trainer.model, tok, model_args.model_name_or_path, out, overwrite=True)
+    save_config(out, script, args, model_args)
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"trainer": trainer_name, "steps": result.global_step, "seconds": round(time.time() - t0, 1),
+               "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+    atomic_write_json(out / "summary.json", summary)
+    if logs:
+        f, l = logs[0], logs[-1]
+        print(f"{trainer_name}: {result.global_step} steps in {summary['seconds']}s -> {out}/merged; reward "
+              f"{f['reward']:+.3f} -> {l['reward']:+.3f}, kl {f.get('kl', float('nan')):.4f} -> {l.get('kl', float('nan')):.4f}")
+    return summary

@@ -25,7 +25,7 @@ from alignment.config import parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_dir, atomic_write_json, check_output_dir
 from alignment.ppo import (PPO, PPOHyper, RewardModelScorer, ValueHead, check_same_tokenizer, encode_prompts,
-                           kl_controller, plot_curves, read_prompt_rows, reward_stats)
+                           kl_controller, load_reward_model, plot_curves, read_prompt_rows, reward_stats)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def main(cfg) -> dict:
     """Validate inputs, load models, run PPO updates with checkpoints, write adapter + merged and the report.
 
     cfg: (ModelConfig, PPOStageConfig) as parsed by `cli`."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel
 
     from alignment.modeling import add_lora, check_model_dir, load_model, load_tokenizer, quantization_config, save_stage_outputs
 
@@ -134,14 +134,7 @@ def main(cfg) -> dict:
         trunk = AutoModel.from_pretrained(cfg.value_model, dtype=torch.float32)
         hidden = trunk.config.hidden_size
     value_head = ValueHead(hidden, trunk).to(device)
-    rm_args = type("RewardArgs", (), {"load_in_8bit": cfg.reward_load_in_8bit, "load_in_4bit": False})()
-    rm_q = quantization_config(rm_args)
-    rm = AutoModelForSequenceClassification.from_pretrained(
-        cfg.reward_model, num_labels=1, dtype=torch.float32 if rm_q is None else torch.float16,
-        **({"quantization_config": rm_q, "device_map": {"": str(device)}} if rm_q else {}))
-    if rm_q is None:
-        rm.to(device)
-    rm.eval().requires_grad_(False)
+    rm = load_reward_model(cfg.reward_model, cfg.reward_load_in_8bit, device)
     scorer = RewardModelScorer(rm, tok, mean, std, cfg.reward_batch_size)
     hp = PPOHyper(**{k: getattr(cfg, k) for k in PPOHyper.__dataclass_fields__})
     ppo = PPO(policy, value_head, tok, scorer, train_rows, hp, stop_ids, ref_model=ref_model, device=device)

@@ -195,3 +195,23 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, reward_dir, prompts_file, 
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "the cat sat " * 200}]}) + "\n")
     _fails(stage_argv(tiny_model_dir, reward_dir, long_prompts, out), capsys, "exceeds the model context", out)
+
+
+@pytest.mark.parametrize("stage", ["rloo", "grpo"])
+def test_trl_online_stages(stage, tiny_model_dir, reward_dir, prompts_file, tmp_path):
+    """`align rloo` / `align grpo`: two TRL steps with our reward model; adapter + merged written, weights changed."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / stage
+    s = importlib.import_module(f"recipes.{stage}").cli([
+        "--model_name_or_path", str(tiny_model_dir), "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
+        "--reward_model", str(reward_dir), "--prompts", str(prompts_file), "--output_dir", str(out),
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "6",
+        "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no"])
+    assert s["steps"] == 2 and s["last_log"] is not None
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "summary.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
