@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -589,17 +590,29 @@ def read_prompt_rows(path: str | Path, limit: int = 0) -> list[list[dict]]:
     return out
 
 
-def encode_prompts(tokenizer, rows, context: int, response_length: int, where: str) -> list[dict]:
-    """Encode prompts with the chat template and the generation prompt; a prompt too long for the context is an error."""
+def encode_prompts(tokenizer, rows, context: int, response_length: int, where: str, long_prompts: str = "error") -> list[dict]:
+    """Encode prompts with the chat template and the generation prompt.
+
+    A prompt that leaves no room for response_length tokens in the context is an error, or with
+    long_prompts="skip" is dropped and counted."""
     from .tokens import encode_chat
 
-    out = []
+    if long_prompts not in ("error", "skip"):
+        raise UserError(f"long_prompts: expected 'error' or 'skip', got {long_prompts!r}")
+    out, skipped = [], 0
     for line, msgs in rows:
         ids = encode_chat(tokenizer, msgs, add_generation_prompt=True)["input_ids"]
         if len(ids) + response_length > context:
+            if long_prompts == "skip":
+                skipped += 1
+                continue
             raise UserError(f"{where}:{line}: prompt is {len(ids)} tokens; with response_length {response_length} "
-                            f"that exceeds the model context of {context} tokens")
+                            f"that exceeds the model context of {context} tokens (or set long_prompts: skip)")
         out.append({"prompt": msgs, "input_ids": ids})
+    if skipped:
+        print(f"{where}: skipped {skipped} of {len(rows)} prompts too long for the context", file=sys.stderr)
+    if not out:
+        raise UserError(f"{where}: no prompt fits the context of {context} tokens with response_length {response_length}")
     return out
 
 
@@ -715,6 +728,7 @@ class OnlineRLArguments:
     missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a completion that never reaches end of turn.")
     prompts: str = _f("runs/tiny/data/rl/prompts.jsonl", "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues.")
     max_prompts: int = _f(0, "Use at most this many prompts (0 = all).")
+    long_prompts: str = _f("error", "A prompt too long for the context: 'error' (stop, naming it) or 'skip' (count).")
     overwrite: bool = _f(False, "Replace an existing output directory (else resume from its last checkpoint).")
 
 
@@ -751,8 +765,8 @@ def run_trl_online(trainer_name: str, cfg) -> dict:
     check_same_tokenizer(tok, load_tokenizer(script.reward_model), model_args.model_name_or_path, script.reward_model)
     context = AutoConfig.from_pretrained(model_args.model_name_or_path).max_position_embeddings
     rows = read_prompt_rows(script.prompts, script.max_prompts)
-    encode_prompts(tok, rows, context, args.max_completion_length or 0, script.prompts)  # length check only
-    dataset = Dataset.from_list([{"prompt": msgs} for _, msgs in rows])
+    kept = encode_prompts(tok, rows, context, args.max_completion_length or 0, script.prompts, script.long_prompts)
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in kept])
     stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

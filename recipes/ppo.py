@@ -40,6 +40,7 @@ class PPOStageConfig(PPOHyper):
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
     prompts: str = field(default="runs/tiny/data/rl/prompts.jsonl", metadata={"help": "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues."})
     max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts (0 = all)."})
+    long_prompts: str = field(default="error", metadata={"help": "A prompt too long for the context: 'error' (stop, naming it) or 'skip' (count)."})
     eval_prompts: int = field(default=32, metadata={"help": "Prompts held out for the before/after report and win rate (0 = none)."})
     num_updates: int = field(default=20, metadata={"help": "PPO updates (each: rollout_batch_size episodes)."})
     value_model: str = field(default="policy", metadata={"help": "'policy' (value head on the policy trunk) or a model directory for a separate value trunk."})
@@ -107,7 +108,7 @@ def main(cfg) -> dict:
 
     context = AutoConfig.from_pretrained(model_args.model_name_or_path).max_position_embeddings
     rows = read_prompt_rows(cfg.prompts, cfg.max_prompts + cfg.eval_prompts if cfg.max_prompts else 0)
-    prompts = encode_prompts(tok, rows, context, cfg.response_length, cfg.prompts)
+    prompts = encode_prompts(tok, rows, context, cfg.response_length, cfg.prompts, cfg.long_prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) // 4)  # never more than a quarter of the prompts
     eval_rows, train_rows = prompts[:n_eval], prompts[n_eval:]
     if len(train_rows) < cfg.rollout_batch_size:
