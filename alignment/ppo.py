@@ -729,6 +729,7 @@ class OnlineRLArguments:
     prompts: str = _f("runs/tiny/data/rl/prompts.jsonl", "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues.")
     max_prompts: int = _f(0, "Use at most this many prompts (0 = all).")
     long_prompts: str = _f("error", "A prompt too long for the context: 'error' (stop, naming it) or 'skip' (count).")
+    cpu_threads: int = _f(0, "torch threads on CPU (0 = torch's default). 1 is several times faster for tiny models on a busy machine.")
     overwrite: bool = _f(False, "Replace an existing output directory (else resume from its last checkpoint).")
 
 
@@ -770,6 +771,8 @@ def run_trl_online(trainer_name: str, cfg) -> dict:
     stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if script.cpu_threads and device.type == "cpu":
+        torch.set_num_threads(script.cpu_threads)
     scorer = RewardModelScorer(load_reward_model(script.reward_model, script.reward_load_in_8bit, device), tok, mean, std,
                                script.reward_batch_size)
 

@@ -47,6 +47,7 @@ class PPOStageConfig(PPOHyper):
     save_steps: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N updates (0 = only at the end)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoints/step_N directory, or 'latest'."})
     logging_steps: int = field(default=1, metadata={"help": "Log metrics every N updates."})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default). 1 is several times faster for tiny models on a busy machine."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb (empty = none)."})
 
 
@@ -116,6 +117,8 @@ def main(cfg) -> dict:
     stop_ids = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i != tok.unk_token_id]
 
     # -- models
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_model(model_args.model_name_or_path, model_args, kind="causal", tokenizer=tok)
