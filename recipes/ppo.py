@@ -158,7 +158,9 @@ def main(cfg) -> dict:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.num_updates, initial=ppo.step, desc="ppo", unit="update")
-    with open(out / "metrics.jsonl", "a") as log:
+    with open(out / "metrics.jsonl", "w") as log:
+        # rewritten from the checkpoint's history: updates logged after the last checkpoint are redone, not duplicated
+        log.writelines(json.dumps(m) + "\n" for m in ppo.history)
         while ppo.step < cfg.num_updates:
             m = ppo.update()
             log.write(json.dumps(m) + "\n")

@@ -215,3 +215,18 @@ def test_trl_online_stages(stage, tiny_model_dir, reward_dir, prompts_file, tmp_
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+
+
+def test_separate_value_model_trains_its_own_trunk(steerable_model_dir):
+    """value_model = a separate trunk: one update moves the trunk and head, and the loss reaches only them via vf."""
+    from transformers import AutoModel
+
+    ppo = build_ppo(steerable_model_dir, PPOHyper(**{**HP, "num_ppo_epochs": 1}), n_prompts=16)
+    trunk = AutoModel.from_pretrained(steerable_model_dir, dtype=torch.float32)
+    ppo.value_head = ValueHead(trunk.config.hidden_size, trunk)
+    ppo.params += [p for p in ppo.value_head.parameters()]
+    ppo.optimizer = torch.optim.AdamW(ppo.params, lr=1e-3)
+    before = trunk.layers[0].mlp.up_proj.weight.detach().clone()
+    m = ppo.update()
+    assert m["loss/value_avg"] > 0
+    assert not torch.equal(before, trunk.layers[0].mlp.up_proj.weight)
