@@ -393,7 +393,7 @@ class PPO:
         kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (B, R)
         rewards = -self.kl_ctl.value * kl
         last = response_mask.sum(1) - 1  # (B,) index of the last real response token
-        rewards[torch.arange(len(rows)), last] += scores
+        rewards[torch.arange(len(rows), device=rewards.device), last] += scores
         if hp.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, hp.gamma, hp.lam)
@@ -466,7 +466,6 @@ class PPO:
         self.step += 1
         metrics["step"] = self.step
         self.history.append(metrics)
-        self.last_texts = exp.texts
         return metrics
 
     @torch.no_grad()
