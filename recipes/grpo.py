@@ -1,0 +1,34 @@
+"""Online RL with TRL's GRPOTrainer against the same reward model and prompts as `align ppo`.
+
+    align grpo --config recipes/tiny/grpo.yaml
+
+Group-relative advantages: each sample scored against the mean (and std) of the `num_generations` samples
+for its prompt; no value head. Writes
+<output_dir>/adapter, <output_dir>/merged, summary.json and config.yaml; resumes from its last checkpoint.
+The shared loading and reward function live in alignment/ppo.py (`run_trl_online`).
+"""
+
+from __future__ import annotations
+
+from alignment.config import parse_config
+from alignment.errors import exit_on_user_error
+from alignment.ppo import OnlineRLArguments, run_trl_online
+
+
+def main(cfg) -> dict:
+    """cfg: (OnlineRLArguments, GRPOConfig, ModelConfig)."""
+    return run_trl_online("GRPOTrainer", cfg)
+
+
+@exit_on_user_error
+def cli(argv=None) -> dict:
+    """`align grpo --config FILE.yaml [--key value ...]`."""
+    from trl import GRPOConfig
+
+    from alignment.compat import ModelConfig, cpu_overrides
+
+    return main(parse_config([OnlineRLArguments, GRPOConfig, ModelConfig], cpu_overrides(argv)))
+
+
+if __name__ == "__main__":
+    cli()
