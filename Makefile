@@ -25,8 +25,11 @@ test: setup
 demo: setup
 	$(OFFLINE) $(VENV)/bin/align run recipes/tiny
 
+# the quick ratio benchmarks (minutes); the longer ones are listed in docs/benchmarks.md with their commands
 bench: setup
-	$(OFFLINE) $(PY) -m benchmarks.run_all
+	$(OFFLINE) $(PY) -m benchmarks.bench_pretrain throughput
+	$(OFFLINE) $(PY) benchmarks/dpo_ref_cache.py --preset tiny --pairs 400 --steps 5
+	$(OFFLINE) $(PY) benchmarks/ppo_threads.py --preset tiny --updates 3
 
 clean:
 	rm -rf runs .pytest_cache

@@ -151,6 +151,32 @@ def report_rows(models: dict[str, dict], stage_metrics: dict[str, dict]) -> dict
     return rows
 
 
+def _pick(row: dict, suffix: str) -> str | None:
+    """The first metric key of `row` ending in `suffix` (task names vary: mmlu_tinyworld/acc, mmlu/acc, ...)."""
+    return next((k for k in sorted(row) if k.endswith(suffix)), None)
+
+
+def headline_table(rows: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """The few numbers a reader compares across stages, formatted as 'mean ± stderr' ('' where not measured)."""
+    spec = [  # column, metric key (or key suffix); its standard error is the key + "_stderr" when measured
+        ("bits/byte (held-out)", "perplexity/bits_per_byte"),
+        ("MC acc (chance 0.25)", "/acc"),
+        ("answer accuracy", "answer_accuracy"),
+        ("well-formed, ends at <|im_end|>", "well_formed_rate"),
+        ("RM win rate vs SFT", "win_rate/win_rate"),
+        ("KL to SFT (nats)", "win_rate/kl"),
+    ]
+    out = {}
+    for name, row in rows.items():
+        cells = {}
+        for col, key in spec:
+            k = key if key in row else _pick(row, key)
+            se = row.get(f"{k}_stderr") if k else None
+            cells[col] = "" if k is None else f"{row[k]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+        out[name] = cells
+    return out
+
+
 def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[str, dict], stage_metrics: dict[str, dict]) -> Path:
     """report.md: stage times, the model table, plots (report_times.png, report_models.png) and sample answers."""
     import matplotlib
@@ -170,20 +196,18 @@ def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[s
     plt.close(fig)
     lines += ["![stage times](report_times.png)", ""]
     if rows:
-        keys = [k for k in ("answer_accuracy", "well_formed_rate") if any(k in r for r in rows.values())]
-        keys += sorted({k for r in rows.values() for k in r} - set(keys) - {"answer_accuracy_stderr"})
-        lines += ["## Models", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, r in rows.items():
-            cells = []
-            for k in keys:
-                v = r.get(k)
-                cell = "" if v is None else f"{v:.4g}"
-                if k == "answer_accuracy" and "answer_accuracy_stderr" in r:
-                    cell += f" ± {r['answer_accuracy_stderr']:.3f}"
-                cells.append(cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        headline = headline_table(rows)
+        keys = list(next(iter(headline.values())))
+        lines += ["## Models", "", "Values are mean ± one standard error; full metrics are in report.json.", "",
+                  "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(cells[k] for k in keys) + " |" for name, cells in headline.items()]
         lines.append("")
-        plotted = [k for k in ("answer_accuracy", "well_formed_rate") if k in keys]
+        health = out_dir / "reward" / "health.json"
+        if health.is_file():
+            h = json.loads(health.read_text())
+            lines += [f"Reward model held-out pair accuracy: {h.get('eval_accuracy_before', float('nan')):.3f} before training -> "
+                      f"{h['eval_accuracy']:.3f} after ({h.get('eval_pairs')} pairs; gate {h.get('min_eval_accuracy')}).", ""]
+        plotted = [k for k in ("answer_accuracy", "well_formed_rate") if any(k in r for r in rows.values())]
         if plotted:
             fig, axes = plt.subplots(1, len(plotted), figsize=(4 * len(plotted), 3), squeeze=False)
             for ax, k in zip(axes[0], plotted):
