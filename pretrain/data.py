@@ -168,23 +168,8 @@ def eval_texts(patterns: list[str]) -> list[str]:
 
 
 def expand_paths_any(patterns: list[str]) -> list[Path]:
-    """Like sources.expand_paths, but also accepts .csv evaluation files."""
-    import glob
-    import os
-
-    out: list[Path] = []
-    for pat in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        if not matches:
-            raise UserError(f"decontaminate_files: {pat}: no such file (expected .csv/.jsonl/.txt files, globs or directories)")
-        for m in map(Path, matches):
-            if m.is_dir():
-                out += sorted(p for p in m.rglob("*") if p.is_file() and p.name.endswith((".csv", ".jsonl", ".jsonl.gz", ".txt")))
-            elif m.name.endswith(".csv"):
-                out.append(m)
-            else:
-                out += expand_paths([str(m)])
-    return out
+    """Evaluation files to decontaminate against: MMLU-style .csv plus the text formats sources.py reads."""
+    return expand_paths(patterns, suffixes=(".csv", ".jsonl", ".jsonl.gz", ".txt"), key="decontaminate_files")
 
 
 def _strings(obj) -> list[str]:

@@ -14,21 +14,23 @@ from alignment.errors import UserError
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".jsonl.gz", ".txt.gz")
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Expand globs and directories into a sorted list of files; a pattern matching nothing is an error."""
+def expand_paths(patterns: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES, key: str = "") -> list[Path]:
+    """Expand globs and directories into a sorted list of files with one of `suffixes`; a pattern matching nothing
+    is an error (prefixed with the config `key` that named it, when given)."""
+    where = f"{key}: " if key else ""
     files: list[Path] = []
     for pat in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
         if not matches:
-            raise UserError(f"{pat}: no such file (expected a .txt/.jsonl/.parquet file, glob or directory)")
+            raise UserError(f"{where}{pat}: no such file (expected {'/'.join(suffixes)} files, globs or directories)")
         for m in map(Path, matches):
             if m.is_dir():
-                files += sorted(p for p in m.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+                files += sorted(p for p in m.rglob("*") if p.is_file() and p.name.endswith(suffixes))
             else:
                 files.append(m)
     for f in files:
-        if not f.name.endswith(TEXT_SUFFIXES):
-            raise UserError(f"{f}: unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)}")
+        if not f.name.endswith(suffixes):
+            raise UserError(f"{where}{f}: unsupported file type; expected one of {', '.join(suffixes)}")
     return files
 
 
