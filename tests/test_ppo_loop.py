@@ -8,18 +8,10 @@ import shutil
 import pytest
 import torch
 
+from _post_utils import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 from alignment.ppo import PPO, PPOHyper, ValueHead, encode_prompts
 
 TARGET = range(100, 164)  # token ids the programmatic reward pays for: 1/8 of the 512-token vocabulary
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and CI shares its cores with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
