@@ -9,8 +9,8 @@ A name is a stage (`sft`) or a stage with a suffix (`eval_sft` runs `align eval`
 so one stage can run several times. The first failing stage stops the run and its error is repeated at the end.
 
 A stage that finished is not run again: after success the runner writes runs/<recipe>/stages/<name>.json (time,
-config hash, output path). It is redone when its YAML changed, its output is gone, or `--from` names it or an
-earlier stage. Stage outputs are read back for the report: a `.json` output (an eval report) is its metric dict;
+config hash, output path). It is redone when its YAML changed, its output is gone, `--from` names it or an
+earlier stage, or an earlier stage ran (its output is this stage's input, directly or not). Stage outputs are read back for the report: a `.json` output (an eval report) is its metric dict;
 a directory may hold `metrics.json`.
 
 Afterwards, for every model named in pipeline.yaml's `models` (name=HF directory), the tiny-world answer accuracy
@@ -267,6 +267,7 @@ def main(recipe_dir: str, pc: PipelineConfig) -> dict:
                                        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
             timings.append({"name": name, "status": "ran", "seconds": seconds})
             print(f"run: [{i + 1}/{len(plan)}] {name}: ok in {seconds:.1f}s", flush=True)
+            redo_from = min(redo_from, i + 1)  # its output changed: every later stage reads it, directly or not
         stage_metrics[name] = read_metrics(output)
 
     result = {"stages": timings}

@@ -53,6 +53,10 @@ def test_run_skips_finished_stages_redoes_from_and_reports(tmp_path, tiny_model_
     res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False, from_stage="tokenizer"))
     assert [t["status"] for t in res["stages"]] == ["cached", "ran"]
     assert (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns != first_tok
+    # a changed early stage redoes every later one: their inputs changed with it
+    (rec / "data.yaml").write_text((rec / "data.yaml").read_text().replace("seed: 1", "seed: 2"))
+    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False))
+    assert [t["status"] for t in res["stages"]] == ["ran", "ran"]
 
 
 def test_failing_stage_stops_the_run_with_its_error(tmp_path):
