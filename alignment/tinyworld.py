@@ -8,7 +8,8 @@ and short stories. A tiny model cannot learn anything measurable from real web t
 a few hundred facts stated many times, so each stage's effect (knowledge, answer format, preferences) is visible.
 
 Every fact (an entity's attribute, a friend pair, a sum) is assigned to one split:
-- train facts: SFT conversations, preference pairs, RL prompts, quizzes in the corpus, the multiple-choice dev rows;
+- train facts: SFT conversations, preference pairs, RL prompts, quizzes and FAQ pages in the corpus, the
+  multiple-choice dev rows;
 - eval facts: the multiple-choice test, qa/test.jsonl, sft/eval.jsonl and preference/test.jsonl.
 Every fact, train or eval, is stated in the pretraining corpus in many phrasings; only train facts also appear
 as questions with answers there. So after pretraining a model can know an eval fact, but it has never been
@@ -134,6 +135,7 @@ class TinyWorldConfig:
     statement_repeats: int = field(default=16, metadata={"help": "Plain statements of each fact in the training corpus."})
     num_stories: int = field(default=100, metadata={"help": "Short stories in the training corpus."})
     num_quizzes: int = field(default=400, metadata={"help": "Question-and-answer quiz documents (train facts only)."})
+    num_faqs: int = field(default=200, metadata={"help": "FAQ documents: a question line, then a full-sentence answer line (train facts only)."})
     sft_per_fact: int = field(default=4, metadata={"help": "SFT conversations per train fact."})
     preference_per_fact: int = field(default=3, metadata={"help": "Preference pairs per train fact."})
     dev_rows: int = field(default=5, metadata={"help": "Multiple-choice dev rows (few-shot examples, train facts)."})
@@ -297,8 +299,18 @@ def _quiz(train_facts: list[dict], rng: random.Random) -> str:
     return head + "\n\n".join(blocks)
 
 
+def _faq(train_facts: list[dict], rng: random.Random) -> str:
+    """Questions on train facts, each answered on the next line by a full sentence that starts with the asked-about
+    name: the shape of a chat answer. Byte-level BPE gives a name a different token at a line start ("Rosa") than
+    inside a sentence (" Rosa"), so without these pages a tiny model never learns to carry the name of a question
+    into the first word of its answer, and SFT answers about the wrong person (measured: docs/tinyworld.md)."""
+    picks = rng.sample(train_facts, 5)
+    return f"Questions and answers about {SUBJECT}.\n\n" + "\n\n".join(f"{question(f, rng)}\n{answer_sentence(f, rng)}" for f in picks)
+
+
 def build_corpus(world: dict, facts: list[dict], train_facts: list[dict], cfg: TinyWorldConfig, rng: random.Random, scale: float = 1.0) -> list[str]:
-    """Documents stating every fact many times (profiles, town pages, sums, stories) plus quizzes on train facts."""
+    """Documents stating every fact many times (profiles, town pages, sums, stories) plus quizzes and FAQ pages on
+    train facts."""
     by_key = {f"{f['entity']}/{f['attribute']}": f for f in facts}
     sums = [f for f in facts if f["kind"] == "arithmetic"]
     towns = ATTRIBUTES["town"]["values"]
@@ -314,6 +326,8 @@ def build_corpus(world: dict, facts: list[dict], train_facts: list[dict], cfg: T
     docs += [_sums_page(sums, rng) for _ in range(max(1, round(len(sums) * scale)))]
     train_only = [f for f in train_facts]
     docs += [_quiz(train_only, rng) for _ in range(max(1, round(cfg.num_quizzes * scale)))]
+    if cfg.num_faqs:  # drawn last: with num_faqs 0 the corpus is the one of earlier versions
+        docs += [_faq(train_only, rng) for _ in range(max(1, round(cfg.num_faqs * scale)))]
     rng.shuffle(docs)
     return docs
 
@@ -512,6 +526,8 @@ def _check_cfg(cfg: TinyWorldConfig) -> None:
         raise UserError(f"num_people: {cfg.num_people}; expected an even number from 4 to {len(NAMES)}")
     if not 0 < cfg.eval_fraction < 1:
         raise UserError(f"eval_fraction: {cfg.eval_fraction}; expected a number between 0 and 1")
+    if cfg.num_faqs < 0:
+        raise UserError(f"num_faqs: {cfg.num_faqs}; expected 0 or a positive integer")
     for name in ("statement_repeats", "num_stories", "num_quizzes", "sft_per_fact", "preference_per_fact", "dev_rows"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: {getattr(cfg, name)}; expected a positive integer")
