@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("pretrain.export", "export a from-scratch model (checkpoint or fresh init) as a Hugging Face directory"),
     "sft": ("recipes.sft", "supervised fine-tuning with TRL (LoRA, 8-bit/4-bit), assistant-only loss"),
     "reward": ("recipes.reward", "train a reward model on preference pairs with health gates"),
+    "pairs": ("recipes.pairs", "on-policy preference pairs: sample a policy, judge by reward model / checker, best vs worst"),
     "dpo": ("recipes.dpo", "direct preference optimization with TRL and cached reference log-probs"),
     "ppo": ("recipes.ppo", "RLHF with our PPO loop: LoRA policy, value head, KL to the disabled-adapter reference"),
     "rloo": ("recipes.rloo", "online RL with TRL's RLOOTrainer against the same reward model"),

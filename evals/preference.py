@@ -201,23 +201,27 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list:
 
 @torch.no_grad()
 def sample_responses(lm: LoadedModel, prompts: list, max_new_tokens: int = 64, temperature: float = 1.0,
-                     top_k: int = 0, seed: int = 0) -> list[dict]:
-    """One sampled response per prompt, seeded per prompt so results do not depend on order or batching."""
+                     top_k: int = 0, seed: int = 0, num_samples: int = 1) -> list[dict]:
+    """`num_samples` sampled responses per prompt (flat, prompt by prompt), seeded per prompt so results do not
+    depend on order or batching. Each: prompt_ids, response_ids (up to and including the stop token), response."""
     tok = lm.tokenizer
     gen = getattr(lm.model, "generation_config", None)
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tok.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
     device = next(lm.model.parameters()).device
     out = []
     for i, p in enumerate(tqdm(prompts, desc=f"sampling {Path(lm.path).name}", leave=False)):
         ids = encode_chat(tok, p, add_generation_prompt=True)["input_ids"] if isinstance(p, list) else encode_text(tok, p)
         ids = ids[-(lm.max_length - max_new_tokens):]
         torch.manual_seed(seed * 1_000_003 + i)
-        seq = lm.model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-        stops = set(eos if isinstance(eos, list) else [eos])
-        text_ids = [t for t in seq if t not in stops and t != tok.pad_token_id]
-        out.append({"prompt_ids": ids, "response_ids": seq, "response": tok.decode(text_ids, skip_special_tokens=True)})
+        seqs = lm.model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                 do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=tok.pad_token_id)[:, len(ids):].tolist()
+        for seq in seqs:
+            end = next((j for j, t in enumerate(seq) if t in stops), None)
+            seq = seq if end is None else seq[:end + 1]  # shorter samples of a batch are padded after their stop token
+            text_ids = [t for t in seq if t not in stops and t != tok.pad_token_id]
+            out.append({"prompt_ids": ids, "response_ids": seq, "response": tok.decode(text_ids, skip_special_tokens=True)})
     return out
 
 

@@ -63,3 +63,20 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     out = tmp_path_factory.mktemp("model") / "tiny-llama"
     main(ExportConfig(tokenizer=str(tiny_tokenizer_dir), preset="test", output_dir=str(out), seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    """A random LlamaForSequenceClassification (num_labels=1, pad_token_id set) with the tiny tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(cfg)
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -14,22 +14,6 @@ from evals.scoring import load_model, loglikelihoods
 
 
 @pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
-    """A random LlamaForSequenceClassification (num_labels=1, pad_token_id set) with the tiny tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    cfg = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg.pad_token_id = tok.pad_token_id
-    torch.manual_seed(1)
-    rm = LlamaForSequenceClassification(cfg)
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def other_policy(tiny_tokenizer_dir, tmp_path_factory):
     from pretrain.export import ExportConfig, main
 
