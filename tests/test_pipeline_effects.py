@@ -3,10 +3,8 @@
 The recipe is copied into a temporary directory with fewer steps, run offline as users run it, and the report's
 numbers are checked for the four effects each stage claims:
 pretraining beats chance on the multiple-choice test, SFT teaches answers that end at <|im_end|>, the reward model
-separates held-out pairs, and PPO beats the SFT model on reward-model win rate beyond noise.
-
-DPO's effect on win rate is not asserted: on this recipe it stays within noise of SFT (0.47-0.51 over the tunings
-tried, or a collapsed policy at higher learning rates); docs/tinyworld.md records it as open work.
+separates held-out pairs, and DPO (on the SFT model's own samples paired by the reward model, `align pairs`) and PPO
+each beat the SFT model on reward-model win rate or answer accuracy beyond noise, without breaking the answers.
 """
 
 import json
@@ -25,7 +23,6 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 REDUCED = {
     "pretrain.yaml": {"max_steps": 350, "max_minutes": 3.0, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
     "sft.yaml": {"max_steps": 80, "save_steps": 80},
-    "dpo.yaml": {"max_steps": 30, "save_steps": 30},
     "ppo.yaml": {"num_updates": 10, "save_steps": 10},
 }
 
@@ -73,15 +70,22 @@ def test_reward_model_separates_held_out_pairs(reduced_run):
     assert health["eval_accuracy"] >= 0.9 and health["passed"]
 
 
-def test_ppo_beats_sft_beyond_noise(reduced_run):
-    m = reduced_run[1]["models"]["ppo"]
-    sft = reduced_run[1]["models"]["sft"]
+def _beats_sft(reports: dict, name: str) -> tuple[bool, tuple]:
+    """Win rate above 0.5 by more than two standard errors, or answer accuracy up by more than two (unpaired)."""
+    m, sft = reports["models"][name], reports["models"]["sft"]
     win, se = m["win_rate/win_rate"], m["win_rate/win_rate_stderr"]
-    better_answers = m["answer_accuracy"] - sft["answer_accuracy"] > 2 * (m["answer_accuracy_stderr"] ** 2 + sft["answer_accuracy_stderr"] ** 2) ** 0.5
-    assert win > 0.5 + 2 * se or better_answers, (win, se, m["answer_accuracy"], sft["answer_accuracy"])
+    gain = m["answer_accuracy"] - sft["answer_accuracy"]
+    noise = 2 * (m["answer_accuracy_stderr"] ** 2 + sft["answer_accuracy_stderr"] ** 2) ** 0.5
+    return win > 0.5 + 2 * se or gain > noise, (name, win, se, gain, noise)
 
 
-def test_dpo_stays_coherent(reduced_run):
-    """DPO must not collapse the policy: its answers stay well-formed and close to SFT (bounded KL)."""
+def test_ppo_beats_sft_beyond_noise(reduced_run):
+    ok, numbers = _beats_sft(reduced_run[1], "ppo")
+    assert ok, numbers
+
+
+def test_dpo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
+    ok, numbers = _beats_sft(reduced_run[1], "dpo")
+    assert ok, numbers
     m = reduced_run[1]["models"]["dpo"]
-    assert m["well_formed_rate"] >= 0.9 and m["win_rate/kl"] < 2.0, m
+    assert m["well_formed_rate"] >= 0.9 and m["win_rate/kl"] < 3.0, m
