@@ -19,11 +19,10 @@ import yaml
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 
-# stage -> key overrides that shrink the run (the full recipe is `make demo`)
+# stage -> key overrides that shrink the run (the full recipe is `make demo`). SFT, DPO and PPO keep the full recipe's
+# steps (about 70 s together): with PPO at 10 updates its win rate was 0.525 ± 0.044, within noise.
 REDUCED = {
     "pretrain.yaml": {"max_steps": 350, "max_minutes": 3.0, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
-    "sft.yaml": {"max_steps": 80, "save_steps": 80},
-    "ppo.yaml": {"num_updates": 10, "save_steps": 10},
 }
 
 
