@@ -122,6 +122,15 @@ def reward_scores(rm, tok, sequences: list[list[int]], batch_size: int = 16) -> 
     return out
 
 
+def response_rewards(rm, tok, prompts: list, responses: list[str], batch_size: int = 16) -> list[float]:
+    """Reward of each (prompt, response): the response is the assistant turn after a chat prompt, or plain text."""
+    seqs = []
+    for p, resp in zip(prompts, responses):
+        a, b = _prompt_and_completion(tok, p, [{"role": "assistant", "content": resp}] if isinstance(p, list) else resp)
+        seqs.append(a + b)
+    return reward_scores(rm, tok, seqs, batch_size)
+
+
 def load_reward_model(path: str, device: str | None = None):
     """A sequence-classification reward model (num_labels=1) and its tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -186,17 +195,22 @@ def dpo_accuracy(policy: str | LoadedModel, reference: str | LoadedModel, pairs:
     return out, samples
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list:
-    """Prompts from JSONL rows with "prompt" (message list or string)."""
-    prompts = []
+def read_prompt_rows(path: str | Path, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, row) of JSONL rows with "prompt" (message list, validated, or string); other fields kept."""
+    rows = []
     for i, row in _read_jsonl(path):
         if not isinstance(row, dict) or "prompt" not in row:
             raise UserError(f"{path}:{i}: expected a 'prompt' field")
         p = row["prompt"]
-        prompts.append(validate_messages(p, f"{path}:{i}: prompt") if isinstance(p, list) else str(p))
-        if limit and len(prompts) >= limit:
+        rows.append((i, {**row, "prompt": validate_messages(p, f"{path}:{i}: prompt") if isinstance(p, list) else str(p)}))
+        if limit and len(rows) >= limit:
             break
-    return prompts
+    return rows
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list:
+    """Prompts from JSONL rows with "prompt" (message list or string)."""
+    return [row["prompt"] for _, row in read_prompt_rows(path, limit)]
 
 
 @torch.no_grad()
@@ -237,13 +251,7 @@ def win_rate(policy: str | LoadedModel, reference: str | LoadedModel, reward_mod
     ps = sample_responses(pol, prompts, max_new_tokens, temperature, seed=seed)
     rs = sample_responses(ref, prompts, max_new_tokens, temperature, seed=seed)
 
-    def rm_ids(p, resp):
-        completion = [{"role": "assistant", "content": resp}] if isinstance(p, list) else resp
-        a, b = _prompt_and_completion(rm_tok, p, completion)
-        return a + b
-
-    rewards = reward_scores(rm, rm_tok, [rm_ids(p, s["response"]) for p, s in zip(prompts, ps)] +
-                            [rm_ids(p, s["response"]) for p, s in zip(prompts, rs)], batch_size)
+    rewards = response_rewards(rm, rm_tok, prompts + prompts, [s["response"] for s in ps + rs], batch_size)
     r_pol, r_ref = np.array(rewards[:len(prompts)]), np.array(rewards[len(prompts):])
     outcome = np.where(r_pol > r_ref, 1.0, np.where(r_pol < r_ref, 0.0, 0.5))
     # KL(pi || ref) = E_{y~pi}[log pi(y|x) - log ref(y|x)], one Monte-Carlo sample per prompt

@@ -76,21 +76,15 @@ def _check_cfg(cfg: PairsConfig) -> None:
 
 def read_prompt_rows(path: str, checker: str, limit: int | None) -> list[dict]:
     """Prompt rows, validated; with a checker each row must carry the fields the checker reads."""
-    from alignment.tinyworld import read_jsonl
-    from evals.preference import read_prompts
+    from evals.preference import read_prompt_rows as read_rows
 
-    prompts = read_prompts(path, limit)
-    rows = read_jsonl(path)[:len(prompts)]
-    if not rows:
-        raise UserError(f"{path}: no prompts")
+    rows = read_rows(path, limit)
     if checker == "tinyworld":
-        for i, r in enumerate(rows, 1):
+        for i, r in rows:
             missing = [k for k in ("answer", "kind") if k not in r]
             if missing:
                 raise UserError(f"{path}:{i}: checker tinyworld needs {', '.join(missing)}; expected rows like alignment/tinyworld.py's rl/prompts.jsonl")
-    for r, p in zip(rows, prompts):
-        r["prompt"] = p
-    return rows
+    return [r for _, r in rows]
 
 
 def pick_pairs(scores: list[tuple], k: int, min_margin: float) -> list[tuple[int, int]]:
@@ -100,9 +94,9 @@ def pick_pairs(scores: list[tuple], k: int, min_margin: float) -> list[tuple[int
     reward) when the first elements tie, else a checker difference always counts."""
     order = sorted(range(len(scores)), key=lambda j: scores[j])
     out = []
-    for i in range(k):
+    for i in range(min(k, len(order) // 2)):
         lo, hi = order[i], order[-1 - i]
-        if hi == lo or scores[hi] <= scores[lo] or len(order) - 1 - i <= i:
+        if scores[hi] <= scores[lo]:  # ascending order: every later pair ties too
             break
         same_group = scores[hi][:-1] == scores[lo][:-1]
         if same_group and scores[hi][-1] - scores[lo][-1] <= min_margin:
@@ -114,7 +108,7 @@ def pick_pairs(scores: list[tuple], k: int, min_margin: float) -> list[tuple[int
 def main(cfg: PairsConfig) -> dict:
     """Sample num_samples answers per prompt, score them, write best-vs-worst pairs; returns the summary."""
     from alignment.tinyworld import check
-    from evals.preference import _prompt_and_completion, load_reward_model, reward_scores, sample_responses
+    from evals.preference import load_reward_model, response_rewards, sample_responses
     from evals.scoring import load_model
 
     t0 = time.time()
@@ -129,31 +123,29 @@ def main(cfg: PairsConfig) -> dict:
     # num_samples answers per prompt, seeded per (prompt, sample): the same seed gives the same pairs
     samples = sample_responses(lm, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
                                num_samples=cfg.num_samples)
-    by_prompt = [samples[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(rows))]
-    texts = [[s["response"] for s in group] for group in by_prompt]
+    texts = [[s["response"] for s in samples[i * cfg.num_samples:(i + 1) * cfg.num_samples]] for i in range(len(rows))]
 
     rewards = [[0.0] * cfg.num_samples for _ in rows]
     if rm is not None:
-        model, tok = rm
-        seqs = []
-        for r, group in zip(rows, texts):
-            for t in group:
-                completion = [{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t
-                a, b = _prompt_and_completion(tok, r["prompt"], completion)
-                seqs.append(a + b)
-        flat = reward_scores(model, tok, seqs, cfg.batch_size)
+        flat = response_rewards(*rm, [r["prompt"] for r in rows for _ in range(cfg.num_samples)], [t for g in texts for t in g],
+                                cfg.batch_size)
         rewards = [flat[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(rows))]
     correct = [[check(r, t) for t in group] if cfg.checker == "tinyworld" else [False] * len(group) for r, group in zip(rows, texts)]
 
-    pairs, records = [], []
+    pairs, records, unpaired = [], [], 0
     for i, r in enumerate(tqdm(rows, desc="pairs", leave=False)):
         # an empty answer cannot be a DPO completion; among identical answers keep one
-        keep = [j for j in range(cfg.num_samples) if texts[i][j].strip()]
-        keep = [j for n, j in enumerate(keep) if texts[i][j] not in [texts[i][m] for m in keep[:n]]]
+        first = {}
+        for j, t in enumerate(texts[i]):
+            if t.strip():
+                first.setdefault(t, j)
+        keep = list(first.values())
         scores = [(int(correct[i][j]), float(rewards[i][j])) for j in keep]
         for j in range(cfg.num_samples):
             records.append({"prompt_index": i, "response": texts[i][j], "reward": float(rewards[i][j]), "correct": correct[i][j]})
-        for hi, lo in pick_pairs(scores, cfg.pairs_per_prompt, cfg.min_margin):
+        picked = pick_pairs(scores, cfg.pairs_per_prompt, cfg.min_margin)
+        unpaired += not picked
+        for hi, lo in picked:
             c, rj = keep[hi], keep[lo]
             as_msg = isinstance(r["prompt"], list)
             pairs.append({"prompt": r["prompt"],
@@ -168,7 +160,7 @@ def main(cfg: PairsConfig) -> dict:
     flat_c = np.array([x for g in correct for x in g])
     summary = {
         "prompts": len(rows), "samples": len(records), "pairs": len(pairs),
-        "prompts_without_pair": len(rows) - len({json.dumps(p["prompt"]) for p in pairs}),
+        "prompts_without_pair": unpaired,
         "reward_mean": float(flat_r.mean()) if rm is not None else None,
         "reward_chosen": float(np.mean([p["chosen_score"][1] for p in pairs])) if rm is not None else None,
         "reward_rejected": float(np.mean([p["rejected_score"][1] for p in pairs])) if rm is not None else None,
