@@ -66,6 +66,8 @@ class EvalConfig:
     prompts_file: str | None = field(default=None, metadata={"help": "Held-out prompts (.jsonl with 'prompt') for the win rate."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per response for the win rate."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1.0 keeps the KL estimate unbiased)."})
+    num_samples: int = field(default=1, metadata={"help": "Win rate: responses sampled per prompt from each model; a prompt's "
+                                                  "outcome is the share of its k*k comparisons won (less noise, same quantity)."})
     # run
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (results do not depend on it)."})
     limit: int | None = field(default=None, metadata={"help": "Score only the first n items of each task (for quick checks)."})
@@ -146,6 +148,8 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
         if not (cfg.reward_model and cfg.reference_model and cfg.prompts_file):
             raise UserError("winrate: set reward_model, reference_model and prompts_file")
+        if cfg.num_samples < 1:
+            raise UserError(f"winrate: num_samples must be at least 1, got {cfg.num_samples}")
         prompts = read_prompts(cfg.prompts_file, cfg.limit)
     lm = load_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
     results: dict = {}
@@ -179,7 +183,7 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         from .preference import win_rate
 
         r, s = win_rate(lm, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens, cfg.temperature,
-                        cfg.seed, cfg.batch_size)
+                        cfg.seed, cfg.batch_size, cfg.num_samples)
         results["win_rate"] = r
         samples += s
     model_info = {"path": cfg.model, "adapter": cfg.adapter, "hash": lm.model_hash, "tokenizer_hash": lm.tokenizer_hash,

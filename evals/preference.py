@@ -15,8 +15,6 @@ plain-text rows ({"prompt": str, "chosen": str, "rejected": str}) or hh-rlhf dia
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from alignment.data import read_jsonl, read_prompt_rows
 from alignment.errors import UserError
 from alignment.tokens import encode_chat, encode_text, validate_messages
 
@@ -33,27 +32,10 @@ PREF_VERSION = "1.0"
 HH_SPLIT = "\n\nAssistant:"
 
 
-def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: file not found")
-    raw = gzip.open(p, "rt", encoding="utf-8").read() if p.name.endswith(".gz") else p.read_text(encoding="utf-8")
-    rows = []
-    for i, line in enumerate(raw.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-    if not rows:
-        raise UserError(f"{p}: no rows in the file")
-    return rows
-
-
 def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     """Preference pairs as {"prompt", "chosen", "rejected"}: message lists (conversational) or strings (text)."""
     pairs = []
-    for i, row in _read_jsonl(path):
+    for i, row in read_jsonl(path):
         where = f"{path}:{i}"
         if not isinstance(row, dict) or not {"chosen", "rejected"} <= set(row):
             raise UserError(f"{where}: expected 'chosen' and 'rejected' fields")
@@ -195,19 +177,6 @@ def dpo_accuracy(policy: str | LoadedModel, reference: str | LoadedModel, pairs:
     return out, samples
 
 
-def read_prompt_rows(path: str | Path, limit: int | None = None) -> list[tuple[int, dict]]:
-    """(line number, row) of JSONL rows with "prompt" (message list, validated, or string); other fields kept."""
-    rows = []
-    for i, row in _read_jsonl(path):
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise UserError(f"{path}:{i}: expected a 'prompt' field")
-        p = row["prompt"]
-        rows.append((i, {**row, "prompt": validate_messages(p, f"{path}:{i}: prompt") if isinstance(p, list) else str(p)}))
-        if limit and len(rows) >= limit:
-            break
-    return rows
-
-
 def read_prompts(path: str | Path, limit: int | None = None) -> list:
     """Prompts from JSONL rows with "prompt" (message list or string)."""
     return [row["prompt"] for _, row in read_prompt_rows(path, limit)]
@@ -240,32 +209,49 @@ def sample_responses(lm: LoadedModel, prompts: list, max_new_tokens: int = 64, t
 
 
 def win_rate(policy: str | LoadedModel, reference: str | LoadedModel, reward_model: str, prompts: list, max_new_tokens: int = 64,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[dict, list[dict]]:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 16, num_samples: int = 1) -> tuple[dict, list[dict]]:
     """Sample from policy and reference, score both with the reward model: win rate (ties count half) with a 95%
-    interval, and KL(policy || reference) estimated on the policy's samples (exact in expectation at temperature 1)."""
+    interval, and KL(policy || reference) estimated on the policy's samples (exact in expectation at temperature 1).
+
+    With `num_samples` k > 1 each prompt gets k samples from each model and its outcome is the share of the k*k
+    policy-vs-reference comparisons the policy wins: the same quantity, P(reward(policy) > reward(reference)), with
+    less sampling noise. Standard errors are taken over prompts, so they stay honest when samples of a prompt agree."""
+    if num_samples < 1:
+        raise UserError(f"winrate: num_samples must be at least 1, got {num_samples}")
     pol = policy if isinstance(policy, LoadedModel) else load_model(policy)
     ref = reference if isinstance(reference, LoadedModel) else load_model(reference)
     if pol.tokenizer_hash != ref.tokenizer_hash:
         raise UserError(f"{ref.path}: the reference model's tokenizer differs from the policy's; expected the same")
     rm, rm_tok = load_reward_model(reward_model)
-    ps = sample_responses(pol, prompts, max_new_tokens, temperature, seed=seed)
-    rs = sample_responses(ref, prompts, max_new_tokens, temperature, seed=seed)
+    n, k = len(prompts), num_samples
+    ps = sample_responses(pol, prompts, max_new_tokens, temperature, seed=seed, num_samples=k)
+    rs = sample_responses(ref, prompts, max_new_tokens, temperature, seed=seed, num_samples=k)
 
-    rewards = response_rewards(rm, rm_tok, prompts + prompts, [s["response"] for s in ps + rs], batch_size)
-    r_pol, r_ref = np.array(rewards[:len(prompts)]), np.array(rewards[len(prompts):])
-    outcome = np.where(r_pol > r_ref, 1.0, np.where(r_pol < r_ref, 0.0, 0.5))
-    # KL(pi || ref) = E_{y~pi}[log pi(y|x) - log ref(y|x)], one Monte-Carlo sample per prompt
-    reqs = [(s["prompt_ids"], s["response_ids"]) for s in ps if s["response_ids"]]
+    each = [p for p in prompts for _ in range(k)]
+    rewards = response_rewards(rm, rm_tok, each + each, [s["response"] for s in ps + rs], batch_size)
+    r_pol, r_ref = np.array(rewards[:n * k]).reshape(n, k), np.array(rewards[n * k:]).reshape(n, k)
+    diff = r_pol[:, :, None] - r_ref[:, None, :]  # (n, k, k): every policy sample against every reference sample
+    outcome = np.where(diff > 0, 1.0, np.where(diff < 0, 0.0, 0.5)).mean(axis=(1, 2))  # (n,)
+    # KL(pi || ref) = E_{y~pi}[log pi(y|x) - log ref(y|x)], k Monte-Carlo samples per prompt, averaged per prompt
+    keep = [j for j, s in enumerate(ps) if s["response_ids"]]
+    reqs = [(ps[j]["prompt_ids"], ps[j]["response_ids"]) for j in keep]
     lp_pol = np.array([x for x, _, _ in loglikelihoods(pol, reqs, batch_size=batch_size, desc="policy log-probs")])
     lp_ref = np.array([x for x, _, _ in loglikelihoods(ref, reqs, batch_size=batch_size, desc="reference log-probs")])
-    kl = lp_pol - lp_ref if len(reqs) else np.zeros(1)
+    per_prompt: dict[int, list[float]] = {}
+    for j, d in zip(keep, lp_pol - lp_ref):
+        per_prompt.setdefault(j // k, []).append(float(d))
+    kl = np.array([np.mean(v) for v in per_prompt.values()]) if per_prompt else np.zeros(1)
     wr = _summary(outcome, "win_rate")
     half = 1.96 * (wr["win_rate_stderr"] if len(outcome) > 1 else 0.5)
-    out = {"task": "win_rate", "version": PREF_VERSION, "n": len(prompts), "num_fewshot": 0, "scoring": "reward_model",
+    out = {"task": "win_rate", "version": PREF_VERSION, "n": n, "num_samples": k, "num_fewshot": 0, "scoring": "reward_model",
            "reference_model": ref.path, "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
            "temperature": temperature, **wr, "win_rate_ci95": [max(0.0, wr["win_rate"] - half), min(1.0, wr["win_rate"] + half)],
            "reward_policy": float(r_pol.mean()), "reward_reference": float(r_ref.mean()), **_summary(kl, "kl")}
-    samples = [{"task": "win_rate", "doc_id": i, "prompt": prompts[i], "policy_response": ps[i]["response"],
-                "reference_response": rs[i]["response"], "policy_reward": float(r_pol[i]), "reference_reward": float(r_ref[i]),
-                "outcome": float(outcome[i])} for i in range(len(prompts))]
+    samples = [{"task": "win_rate", "doc_id": i, "prompt": prompts[i],
+                "policy_response": ps[i * k]["response"], "reference_response": rs[i * k]["response"],
+                "policy_reward": float(r_pol[i, 0]), "reference_reward": float(r_ref[i, 0]), "outcome": float(outcome[i]),
+                **({"policy_responses": [s["response"] for s in ps[i * k:(i + 1) * k]],
+                    "reference_responses": [s["response"] for s in rs[i * k:(i + 1) * k]],
+                    "policy_rewards": r_pol[i].tolist(), "reference_rewards": r_ref[i].tolist()} if k > 1 else {})}
+               for i in range(n)]
     return out, samples

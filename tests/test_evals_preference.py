@@ -77,3 +77,26 @@ def test_win_rate_and_kl(tiny_model_dir, other_policy, reward_dir, tmp_path):
     assert res["win_rate"] == pytest.approx(np.mean(outcome))
     assert res["win_rate_ci95"][0] <= res["win_rate"] <= res["win_rate_ci95"][1]
     assert res["kl"] != 0 and np.isfinite(res["kl"])
+
+
+def test_win_rate_with_several_samples_per_prompt(tiny_model_dir, other_policy, reward_dir, tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": "x"}) + "\n"
+                                              for q in ("Who has the cat?", "Count to three.", "Where is the hill?")))
+    prompts = read_prompts(tmp_path / "p.jsonl")
+    tie, _ = win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
+    # same model, same seeds: the k samples match, so each prompt's k*k comparisons are symmetric around a half
+    assert tie["win_rate"] == pytest.approx(0.5) and tie["kl"] == pytest.approx(0.0, abs=1e-6) and tie["num_samples"] == 3
+    res, samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
+    assert len(samples) == 3 and all(len(s["policy_rewards"]) == len(s["reference_rewards"]) == 3 for s in samples)
+    # each prompt's outcome recomputed by hand from its 3 x 3 rewards
+    per_prompt = [np.mean([1.0 if a > b else 0.0 if a < b else 0.5 for a in s["policy_rewards"] for b in s["reference_rewards"]])
+                  for s in samples]
+    assert [s["outcome"] for s in samples] == pytest.approx(per_prompt)
+    assert res["win_rate"] == pytest.approx(np.mean(per_prompt))
+    assert res["win_rate_stderr"] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(3))
+    assert samples[0]["policy_response"] == samples[0]["policy_responses"][0]
+    # seeded: the same call samples the same responses and gives the same number
+    again, again_samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3,
+                                    num_samples=3)
+    assert [s["policy_responses"] for s in again_samples] == [s["policy_responses"] for s in samples]
+    assert again["win_rate"] == res["win_rate"]

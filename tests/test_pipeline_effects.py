@@ -70,7 +70,11 @@ def test_reward_model_separates_held_out_pairs(reduced_run):
 
 
 def _beats_sft(reports: dict, name: str) -> tuple[bool, tuple]:
-    """Win rate above 0.5 by more than two standard errors, or answer accuracy up by more than two (unpaired)."""
+    """Win rate above 0.5 by more than two standard errors, or answer accuracy up by more than two (unpaired).
+
+    The win rate's standard error is over the 80 held-out prompts, each scored by 8 x 8 sampled comparisons
+    (eval_*.yaml num_samples: 8); with one sample per prompt it was about 0.044 and PPO's real but modest gain
+    (0.59 on this run) fell inside it."""
     m, sft = reports["models"][name], reports["models"]["sft"]
     win, se = m["win_rate/win_rate"], m["win_rate/win_rate_stderr"]
     gain = m["answer_accuracy"] - sft["answer_accuracy"]
@@ -78,11 +82,11 @@ def _beats_sft(reports: dict, name: str) -> tuple[bool, tuple]:
     return win > 0.5 + 2 * se or gain > noise, (name, win, se, gain, noise)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 7 open: since the FAQ corpus, PPO's win rate on this reduced run is 0.525-0.563 "
-                   "± 0.044, within noise (the full demo: 0.631 ± 0.037); docs/tinyworld.md")
-def test_ppo_beats_sft_beyond_noise(reduced_run):
+def test_ppo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
     ok, numbers = _beats_sft(reduced_run[1], "ppo")
     assert ok, numbers
+    m = reduced_run[1]["models"]["ppo"]
+    assert m["well_formed_rate"] >= 0.9 and m["win_rate/kl"] < 3.0, m  # a reward hack breaks answers or runs far from SFT
 
 
 def test_dpo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
