@@ -221,6 +221,49 @@ def parse_hh(text: str, where: str) -> list[dict]:
     return msgs
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of a .jsonl or .jsonl.gz file's non-blank lines; one clear error per problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: file not found")
+    raw = gzip.open(p, "rt", encoding="utf-8").read() if p.name.endswith(".gz") else p.read_text(encoding="utf-8")
+    rows = []
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{i}: invalid JSON ({e.msg})") from None
+    if not rows:
+        raise UserError(f"{p}: no rows in the file")
+    return rows
+
+
+def read_prompt_rows(path: str | Path, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, row) of prompt rows; each row's "prompt" is a validated message list or a string, other fields kept.
+
+    A row has "prompt" (messages or a string), or is an hh-rlhf row whose "chosen" dialogue, without its final
+    assistant turn, is the prompt (so hh-rlhf files serve as RL and win-rate prompts)."""
+    rows = []
+    for i, row in read_jsonl(path):
+        where = f"{path}:{i}"
+        if isinstance(row, dict) and "prompt" in row:
+            p = row["prompt"]
+            prompt = validate_messages(p, f"{where}: prompt") if isinstance(p, list) else str(p)
+        elif isinstance(row, dict) and isinstance(row.get("chosen"), str):
+            prompt = parse_hh(row["chosen"], f"{where}: chosen")
+            while prompt and prompt[-1]["role"] == "assistant":
+                prompt = prompt[:-1]
+        else:
+            raise UserError(f"{where}: expected a 'prompt' (messages or a string) or an hh-rlhf 'chosen' dialogue")
+        if not prompt:
+            raise UserError(f"{where}: empty prompt")
+        rows.append((i, {**row, "prompt": prompt}))
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
 def sft_messages(row: Row) -> list[dict]:
     """A conversation for SFT from a messages / prompt-completion / alpaca row; must contain an assistant turn."""
     d, where = row.data, row.where

@@ -541,52 +541,13 @@ class PPO:
 # prompts and the reward model
 
 
-def _hh_to_messages(text: str) -> list[dict]:
-    """Split an Anthropic HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...') into messages."""
-    import re
+def read_prompt_rows(path: str | Path, limit: int = 0) -> list[tuple[int, list[dict]]]:
+    """(line number, prompt messages) from .jsonl(.gz): rows with "prompt" (messages or a string, which becomes one
+    user turn), or hh-rlhf rows with "chosen" (the dialogue up to its last assistant turn)."""
+    from .data import read_prompt_rows as read_rows
 
-    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text.strip("\n") if not text.startswith("\n\n") else text)
-    msgs = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        msgs.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
-    return msgs
-
-
-def read_prompt_rows(path: str | Path, limit: int = 0) -> list[list[dict]]:
-    """Prompts as message lists from .jsonl(.gz): rows with "prompt" (messages or a string), or Anthropic HH rows
-    with "chosen" (the dialogue up to its last assistant turn)."""
-    import gzip
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: prompts file not found")
-    opener = gzip.open if p.suffix == ".gz" else open
-    out = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{p}:{i}: not valid JSON") from None
-            if isinstance(row, dict) and "prompt" in row:
-                prompt = row["prompt"]
-                msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            elif isinstance(row, dict) and isinstance(row.get("chosen"), str):
-                msgs = _hh_to_messages(row["chosen"])
-                while msgs and msgs[-1]["role"] == "assistant":
-                    msgs = msgs[:-1]
-            else:
-                raise UserError(f"{p}:{i}: expected a 'prompt' (list of messages or string) or an HH 'chosen' dialogue")
-            if not msgs:
-                raise UserError(f"{p}:{i}: empty prompt")
-            out.append((i, msgs))
-            if limit and len(out) >= limit:
-                break
-    if not out:
-        raise UserError(f"{p}: no prompts")
-    return out
+    rows = read_rows(path, limit or None)
+    return [(i, [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]) for i, r in rows]
 
 
 def encode_prompts(tokenizer, rows, context: int, response_length: int, where: str, long_prompts: str = "error") -> list[dict]:

@@ -76,7 +76,7 @@ def _check_cfg(cfg: PairsConfig) -> None:
 
 def read_prompt_rows(path: str, checker: str, limit: int | None) -> list[dict]:
     """Prompt rows, validated; with a checker each row must carry the fields the checker reads."""
-    from evals.preference import read_prompt_rows as read_rows
+    from alignment.data import read_prompt_rows as read_rows
 
     rows = read_rows(path, limit)
     if checker == "tinyworld":

@@ -113,11 +113,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def model_metrics(pc: PipelineConfig) -> dict[str, dict]:
-    """Per model: tiny-world answer accuracy and well-formed rate.
+    """Per model: tiny-world answer accuracy and well-formed rate (when pipeline.yaml sets qa_file).
 
-    INTEGRATION POINT (lead): bits-per-byte, multiple-choice accuracy, reward win rate against SFT and KL to the
-    reference come from the eval stages (`eval_<model>` entries whose .json output is read by read_metrics) and are
-    merged into this table by `report_rows`; nothing here recomputes them."""
+    Bits-per-byte, multiple-choice accuracy, reward win rate against SFT and KL to the reference come from the eval
+    stages (`eval_<model>` entries, read by read_metrics) and are merged into the table by `report_rows`."""
     from alignment.tinyworld import answer_accuracy
 
     out = {}

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from alignment.data import (Row, convert_rows, load_mixture, parse_hh, preference_pair, read_rows, sft_messages,
+from alignment.data import (Row, convert_rows, load_mixture, parse_hh, preference_pair, read_prompt_rows, read_rows, sft_messages,
                             split_holdout, tokenize_preference, tokenize_sft)
 from alignment.errors import UserError
 from alignment.tokens import encode_chat
@@ -142,3 +142,21 @@ def test_too_long_truncates_with_a_count_drops_or_errors(tiny_tokenizer, capsys)
     p = tokenize_preference(tiny_tokenizer, pairs, max_length=64, too_long="truncate")[0]
     assert len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= 64
     assert "1 of 1 pairs longer than max_length=64: 1 truncated" in capsys.readouterr().err
+
+
+def test_prompt_rows_from_prompt_fields_and_hh_dialogues(tmp_path):
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: A pear.", "rejected": "x"}
+    f = tmp_path / "p.jsonl.gz"
+    with gzip.open(f, "wt", encoding="utf-8") as g:
+        g.write(json.dumps({"prompt": "Say hi.", "answer": "hi"}) + "\n\n" + json.dumps(hh) + "\n")
+    rows = read_prompt_rows(f)
+    assert [i for i, _ in rows] == [1, 3] and rows[0][1] == {"prompt": "Say hi.", "answer": "hi"}
+    assert rows[1][1]["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                    {"role": "user", "content": "Name a fruit."}]  # the final assistant turn is the answer, dropped
+    assert len(read_prompt_rows(f, limit=1)) == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: expected a 'prompt'"):
+        read_prompt_rows(tmp_path / "bad.jsonl")
+    (tmp_path / "only.jsonl").write_text(json.dumps({"chosen": "\n\nAssistant: hi"}) + "\n")
+    with pytest.raises(UserError, match=r"only.jsonl:1: empty prompt"):
+        read_prompt_rows(tmp_path / "only.jsonl")
