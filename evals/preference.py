@@ -105,11 +105,13 @@ def reward_scores(rm, tok, sequences: list[list[int]], batch_size: int = 16) -> 
 
 
 def response_rewards(rm, tok, prompts: list, responses: list[str], batch_size: int = 16) -> list[float]:
-    """Reward of each (prompt, response): the response is the assistant turn after a chat prompt, or plain text."""
+    """Reward of each (prompt, response): the response is the assistant turn after a chat prompt, or plain text.
+    A sequence longer than the reward model's context keeps its end (the response, scored at its last token)."""
+    ctx = getattr(rm.config, "max_position_embeddings", None) or None
     seqs = []
     for p, resp in zip(prompts, responses):
         a, b = _prompt_and_completion(tok, p, [{"role": "assistant", "content": resp}] if isinstance(p, list) else resp)
-        seqs.append(a + b)
+        seqs.append((a + b)[-ctx:] if ctx else a + b)
     return reward_scores(rm, tok, seqs, batch_size)
 
 

@@ -100,6 +100,28 @@ def read_metrics(output: str | None) -> dict:
     return {}
 
 
+def winrate_samples(output: str | None, n: int = 3) -> list[dict]:
+    """The first `n` win-rate records an eval stage logged (its FILE.samples.jsonl next to FILE.json), if any."""
+    if not output or not output.endswith(".json"):
+        return []
+    path = Path(output[:-len(".json")] + ".samples.jsonl")
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("task") == "win_rate":
+            out.append(rec)
+            if len(out) == n:
+                break
+    return out
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     """Nested metrics as {"a/b": number} (numbers only: what a table and a plot can show)."""
     out = {}
@@ -176,8 +198,10 @@ def headline_table(rows: dict[str, dict]) -> dict[str, dict[str, str]]:
     return out
 
 
-def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[str, dict], stage_metrics: dict[str, dict]) -> Path:
-    """report.md: stage times, the model table, plots (report_times.png, report_models.png) and sample answers."""
+def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[str, dict], stage_metrics: dict[str, dict],
+                 sampled: dict[str, list[dict]] | None = None) -> Path:
+    """report.md: stage times, the model table, plots (report_times.png, report_models.png) and sample answers (the
+    tiny-world checker's, else the first win-rate samples of the model's eval stage, `sampled`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +220,7 @@ def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[s
     lines += ["![stage times](report_times.png)", ""]
     if rows:
         headline = headline_table(rows)
-        keys = list(next(iter(headline.values())))
+        keys = [k for k in next(iter(headline.values())) if any(cells[k] for cells in headline.values())]  # measured columns
         lines += ["## Models", "", "Values are mean ± one standard error; full metrics are in report.json.", "",
                   "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(cells[k] for k in keys) + " |" for name, cells in headline.items()]
@@ -224,6 +248,14 @@ def write_report(out_dir: Path, recipe: str, timings: list[dict], models: dict[s
             lines += [f"### Sample answers: {name}", ""]
             lines += [f"- Q: {s['question']} → {s['answer']!r} ({'correct' if s['correct'] else 'wrong'})" for s in m["samples"]]
             lines.append("")
+    for name, recs in (sampled or {}).items():
+        if recs and not models.get(name, {}).get("samples"):
+            lines += [f"### Sample answers: {name} (sampled; reward-model score of this answer, then of the reference's)", ""]
+            for r in recs:
+                prompt = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"]
+                lines.append(f"- Q: {_short(prompt, 100)} → {_short(r['policy_response'], 160)!r} ({r['policy_reward']:+.2f} vs "
+                             f"{r['reference_reward']:+.2f})")
+            lines.append("")
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     atomic_write_json(out_dir / "report.json", {"recipe": recipe, "stages": timings, "models": rows, "stage_metrics": stage_metrics})
@@ -247,7 +279,7 @@ def main(recipe_dir: str, pc: PipelineConfig) -> dict:
     redo_from = names.index(pc.from_stage) if pc.from_stage else len(names)
     markers = out_dir / "stages"
 
-    timings, stage_metrics = [], {}
+    timings, stage_metrics, sampled = [], {}, {}
     for i, (name, stage, cfg) in enumerate(plan):
         marker, output = markers / f"{name}.json", stage_output(cfg)
         done = marker.is_file() and json.loads(marker.read_text()).get("config_hash") == _hash(cfg) and (not output or Path(output).exists())
@@ -268,11 +300,13 @@ def main(recipe_dir: str, pc: PipelineConfig) -> dict:
             print(f"run: [{i + 1}/{len(plan)}] {name}: ok in {seconds:.1f}s", flush=True)
             redo_from = min(redo_from, i + 1)  # its output changed: every later stage reads it, directly or not
         stage_metrics[name] = read_metrics(output)
+        if name.startswith("eval_"):
+            sampled[name[len("eval_"):]] = winrate_samples(output)
 
     result = {"stages": timings}
     if pc.report:
         models = model_metrics(pc)
-        path = write_report(out_dir, recipe.name, timings, models, stage_metrics)
+        path = write_report(out_dir, recipe.name, timings, models, stage_metrics, sampled)
         result["report"] = str(path)
     total = time.time() - t_start
     ran = sum(t["status"] == "ran" for t in timings)

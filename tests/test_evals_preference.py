@@ -100,3 +100,16 @@ def test_win_rate_with_several_samples_per_prompt(tiny_model_dir, other_policy, 
                                     num_samples=3)
     assert [s["policy_responses"] for s in again_samples] == [s["policy_responses"] for s in samples]
     assert again["win_rate"] == res["win_rate"]
+
+
+def test_response_rewards_keep_the_end_of_sequences_longer_than_the_reward_model_context(reward_dir):
+    from evals.preference import _prompt_and_completion, load_reward_model, response_rewards, reward_scores
+
+    rm, tok = load_reward_model(str(reward_dir))
+    ctx = rm.config.max_position_embeddings
+    long_prompt = [{"role": "user", "content": "the cat sat on the hill " * ctx}]
+    a, b = _prompt_and_completion(tok, long_prompt, [{"role": "assistant", "content": "Yes."}])
+    assert len(a + b) > ctx
+    got = response_rewards(rm, tok, [long_prompt], ["Yes."])
+    assert got == pytest.approx(reward_scores(rm, tok, [(a + b)[-ctx:]]), abs=1e-5)
+    assert np.isfinite(got[0])

@@ -77,3 +77,24 @@ def test_report_rows_merge_answer_metrics_with_eval_reports():
                        {"eval_sft": {"results": {"mmlu_tinyworld": {"acc": 0.6, "n": 80, "name": "x"}}}, "eval_base": {"results": {"ppl": {"bpb": 1.5}}}})
     assert rows["sft"] == {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "mmlu_tinyworld/acc": 0.6, "mmlu_tinyworld/n": 80}
     assert rows["base"] == {"ppl/bpb": 1.5}
+
+
+def test_report_without_a_checker_drops_unmeasured_columns_and_shows_win_rate_samples(tmp_path):
+    """A real-data recipe has no tiny-world checker: its table keeps the measured columns only, and the sample answers
+    come from the eval stage's win-rate log."""
+    from recipes.run import winrate_samples, write_report
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    recs = [{"task": "mmlu", "doc_id": 0}] + [
+        {"task": "win_rate", "doc_id": i, "prompt": [{"role": "user", "content": f"question {i}"}], "policy_response": f"answer {i}",
+         "reference_response": "ref", "policy_reward": 0.25 * i, "reference_reward": -0.5} for i in range(5)]
+    (out / "ppo.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sampled = winrate_samples(str(out / "ppo.json"))
+    assert [r["doc_id"] for r in sampled] == [0, 1, 2] and winrate_samples(str(out / "none.json")) == []
+    metrics = {"eval_ppo": {"results": {"perplexity": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.1},
+                                        "win_rate": {"win_rate": 0.4, "win_rate_stderr": 0.02, "kl": 4.0}}}}
+    text = write_report(tmp_path, "toy", [{"name": "eval_ppo", "status": "ran", "seconds": 1.0}], {}, metrics, {"ppo": sampled}).read_text()
+    assert "| model | bits/byte (held-out) | RM win rate vs SFT | KL to SFT (nats) |" in text
+    assert "| ppo | 2.000 ± 0.100 | 0.400 ± 0.020 | 4.000 |" in text
+    assert "- Q: question 2 → 'answer 2' (+0.50 vs -0.50)" in text and "question 3" not in text
