@@ -316,9 +316,13 @@ def reward_scores(model, sequences: list[list[int]], pad_token_id: int, padding_
     """Scalar rewards of token sequences, read at each sequence's last real token.
 
     Pads on `padding_side` and passes explicit position ids, so the score of a sequence does not depend on the
-    padding side or on its batch neighbours. Returns a float32 tensor (N,)."""
+    padding side or on its batch neighbours. A sequence longer than the model's context keeps its end (the response,
+    where the score is read). Returns a float32 tensor (N,)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ctx:
+        sequences = [s[-ctx:] for s in sequences]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

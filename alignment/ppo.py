@@ -617,9 +617,7 @@ class RewardModelScorer:
         from .modeling import reward_scores
         from .tokens import encode_chat
 
-        ctx = getattr(self.model.config, "max_position_embeddings", None) or None  # longer: keep the end (the response)
-        seqs = [encode_chat(self.tokenizer, c)["input_ids"][-ctx:] if ctx else encode_chat(self.tokenizer, c)["input_ids"]
-                for c in conversations]
+        seqs = [encode_chat(self.tokenizer, c)["input_ids"] for c in conversations]
         return reward_scores(self.model, seqs, self.pad_id, batch_size=self.batch_size)
 
     def __call__(self, prompts, texts, response=None, response_mask=None) -> torch.Tensor:

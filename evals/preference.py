@@ -74,44 +74,24 @@ def _prompt_and_completion(tok, prompt, completion) -> tuple[list[int], list[int
     return p, encode_text(tok, prompt + completion)[len(p):]
 
 
-@torch.no_grad()
 def reward_scores(rm, tok, sequences: list[list[int]], batch_size: int = 16) -> list[float]:
-    """Reward of each token sequence, read at its last real token whatever the padding side.
+    """Reward of each token sequence (alignment.modeling.reward_scores: read at its last real token, the end kept
+    when longer than the context). Identical sequences are scored once, so two identical responses tie exactly (no
+    float noise from batching); longest first, so batches carry little padding."""
+    from alignment.modeling import reward_scores as score
 
-    Identical sequences are scored once, so two identical responses tie exactly (no float noise from batching)."""
-    device = next(rm.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    unique = {tuple(s): None for s in sequences}
-    if len(unique) < len(sequences):
-        scores = dict(zip(unique, reward_scores(rm, tok, [list(s) for s in unique], batch_size)))
-        return [scores[tuple(s)] for s in sequences]
-    out = [0.0] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        T = len(sequences[chunk[0]])
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(chunk):
-            ids[r, :len(sequences[i])] = torch.tensor(sequences[i])
-            mask[r, :len(sequences[i])] = 1
-        body = getattr(rm, rm.base_model_prefix)
-        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (B, T, H)
-        last = mask.sum(1) - 1  # right padding: index of the last real token
-        values = rm.score(hidden[torch.arange(len(chunk)), last.to(device)]).float()[:, 0]  # (B,)
-        for r, i in enumerate(chunk):
-            out[i] = float(values[r])
-    return out
+    unique = sorted(dict.fromkeys(tuple(s) for s in sequences), key=len, reverse=True)
+    scores = dict(zip(unique, score(rm, [list(s) for s in unique], pad, batch_size=batch_size).tolist()))
+    return [scores[tuple(s)] for s in sequences]
 
 
 def response_rewards(rm, tok, prompts: list, responses: list[str], batch_size: int = 16) -> list[float]:
-    """Reward of each (prompt, response): the response is the assistant turn after a chat prompt, or plain text.
-    A sequence longer than the reward model's context keeps its end (the response, scored at its last token)."""
-    ctx = getattr(rm.config, "max_position_embeddings", None) or None
+    """Reward of each (prompt, response): the response is the assistant turn after a chat prompt, or plain text."""
     seqs = []
     for p, resp in zip(prompts, responses):
         a, b = _prompt_and_completion(tok, p, [{"role": "assistant", "content": resp}] if isinstance(p, list) else resp)
-        seqs.append((a + b)[-ctx:] if ctx else a + b)
+        seqs.append(a + b)
     return reward_scores(rm, tok, seqs, batch_size)
 
 

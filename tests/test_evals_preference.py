@@ -112,4 +112,5 @@ def test_response_rewards_keep_the_end_of_sequences_longer_than_the_reward_model
     assert len(a + b) > ctx
     got = response_rewards(rm, tok, [long_prompt], ["Yes."])
     assert got == pytest.approx(reward_scores(rm, tok, [(a + b)[-ctx:]]), abs=1e-5)
+    assert reward_scores(rm, tok, [a + b]) == pytest.approx(got, abs=1e-5)  # the end is kept at the scoring depth
     assert np.isfinite(got[0])
