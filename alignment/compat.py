@@ -1,14 +1,14 @@
-"""Imports from TRL / transformers / peft whose paths move between releases, kept in one place.
+"""Everything the suite takes from TRL / transformers / peft that moves between releases, kept in one place.
 
-Pinned: trl 1.16, transformers 5.23, peft 0.21. When one of these moves, fix it here only.
+Pinned: trl 1.16, transformers 5.23, peft 0.21. When one of these moves, fix it here only: public names, the private
+methods the DPO trainer overrides, the KV-cache layout, the chat-template renderer and TRL's config helpers.
 """
 
 from __future__ import annotations
 
-from trl import DPOConfig, DPOTrainer, ModelConfig, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: F401
-from trl.trainer.dpo_trainer import DataCollatorForPreference as DPOCollator  # noqa: F401
-from trl.trainer.reward_trainer import DataCollatorForPreference as RewardCollator  # noqa: F401
-from trl.trainer.utils import use_adapter  # noqa: F401  (context manager: run a PeftModel with an adapter / none)
+from trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, ModelConfig, RewardConfig, RewardTrainer,  # noqa: F401
+                 RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer, TrlParser)
+from trl.trainer.utils import get_peft_config, get_quantization_config  # noqa: F401
 
 from transformers.trainer_utils import get_last_checkpoint  # noqa: F401
 
@@ -19,24 +19,88 @@ DPO_LOSS_TYPES = (
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 
-_cpu_note_shown = False
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, **special_tokens):
+    """Render one conversation with transformers' jinja renderer: (text, [(start, end) of each generation span])."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, spans = render_jinja_template(conversations=[messages], chat_template=template, return_assistant_tokens_mask=True,
+                                            add_generation_prompt=add_generation_prompt, **special_tokens)
+    return rendered[0], spans[0]
 
 
-def cpu_overrides(argv: list[str] | None) -> list[str]:
-    """Without CUDA, append `--use_cpu true --bf16 false --fp16 false` to a stage's command line.
+def cache_layers(past_key_values) -> list[tuple]:
+    """(keys, values) per layer of a model's returned KV cache (transformers 5: a Cache with `.layers`)."""
+    return [(layer.keys, layer.values) for layer in past_key_values.layers]
 
-    TRL configs default to bf16=True and transformers rejects bf16 without a GPU inside the config's __post_init__,
-    i.e. before `alignment.config.cpu_fallback` could switch it off, so the override has to reach the parser. It
-    comes last, so it wins over the YAML and the user's flags, exactly like cpu_fallback; says so once."""
-    import sys
 
-    import torch
+def make_cache(layers: list[tuple]):
+    """A KV cache from (keys, values) per layer, to pass as `past_key_values`."""
+    from transformers import DynamicCache
 
-    global _cpu_note_shown
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if torch.cuda.is_available() or any(a in ("-h", "--help") for a in argv):
-        return argv
-    if not _cpu_note_shown:
-        print("note: no CUDA device; training on CPU in fp32 (use_cpu=True, bf16=False)", file=sys.stderr)
-        _cpu_note_shown = True
-    return argv + ["--use_cpu", "true", "--bf16", "false", "--fp16", "false"]
+    return DynamicCache(layers)
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer for rows we already tokenized (special-token safe), with reference log-probs from a disk cache.
+
+    Two overrides of TRL 1.16 private methods: `_prepare_dataset` keeps our token ids (TRL would re-render text with
+    the tokenizer, turning a literal "<|im_end|>" in the data into the control token), and `_precompute_ref_logps`
+    reads / writes `ref_cache` around TRL's own computation (TRL keys in-memory datasets by a random fingerprint).
+    `ref_cache` has load(name, fingerprint) -> (chosen, rejected) | None and save(name, fingerprint, chosen, rejected)."""
+
+    def __init__(self, *args, ref_cache, data_fingerprints: dict[str, str], **kwargs):
+        self.ref_cache = ref_cache
+        self.data_fingerprints = data_fingerprints
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        fp = self.data_fingerprints[name]
+        cached = self.ref_cache.load(name, fp)
+        if cached is not None and len(cached[0]) == len(dataset):
+            return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
+        out = super()._precompute_ref_logps(dataset, name, batch_size)
+        self.ref_cache.save(name, fp, out["ref_chosen_logps"], out["ref_rejected_logps"])
+        return out
+
+
+class _SafePromptIds:
+    """Overrides TRL 1.16's private `_tokenize_prompts` of the online trainers: prompt ids come from our
+    special-token-safe `encode_chat` (TRL would render data text with apply_chat_template, so a user message holding
+    "<|im_start|>assistant" would forge a turn). Prompts are always message lists here (text-only models)."""
+
+    def _tokenize_prompts(self, prompts: list):
+        from .tokens import encode_chat
+
+        return [encode_chat(self.processing_class, p, add_generation_prompt=True)["input_ids"] for p in prompts], None, {}
+
+
+class SafeGRPOTrainer(_SafePromptIds, GRPOTrainer):
+    """GRPOTrainer whose prompt ids are special-token safe."""
+
+
+class SafeRLOOTrainer(_SafePromptIds, RLOOTrainer):
+    """RLOOTrainer whose prompt ids are special-token safe."""
+
+
+class StrictTrlParser(TrlParser):
+    """TrlParser that reports errors as UserError (one line, not argparse's usage and exit) and lets a dataclass field
+    carry our own `range` metadata (transformers' parser passes every metadata key on to argparse)."""
+
+    def error(self, message):
+        from .errors import UserError
+
+        raise UserError(f"command line: {message}")
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        import copy
+        import types
+
+        if "range" in field.metadata:
+            field = copy.copy(field)
+            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "range"})
+        return TrlParser._parse_dataclass_field(parser, field)

@@ -1,15 +1,19 @@
-"""Post-training data: read rows from files or the hub, turn each format into conversations, validate, tokenize.
+"""Data: the one reader of rows and documents, every row format to conversations, validation, safe tokenization.
 
 Sources are strings `PATH_OR_HUB_NAME[@WEIGHT]`: a local .json/.jsonl/.parquet/.csv file (optionally .gz), a
 directory of such files, or a `datasets` hub name (its split comes from the stage config). A mixture is a list of
 sources; WEIGHT is the fraction of that source's rows to use (0.5 = a seeded half, 2 = every row twice).
+`read_rows` is the one place files are opened and parsed: every problem (missing file, not gzip, not UTF-8, bad JSON
+on a line, a corrupt parquet, a CSV row with more fields than its header) is one UserError naming file and line.
+Documents for pretraining and perplexity (`iter_documents`) add .txt files and read the rest through `read_rows`.
 
 Row formats, detected per row:
 - conversational `{"messages": [{"role", "content"}, ...]}`
 - prompt/completion `{"prompt": str | [msgs], "completion": str | [msgs]}`
 - alpaca `{"instruction", "input", "output"}`
 - hh-rlhf `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}` (shared prompt + final turn)
-- preference `{"prompt", "chosen", "rejected"}` as text or as conversations (TRL's conversational format).
+- preference `{"prompt", "chosen", "rejected"}` as text or as conversations (TRL's conversational format)
+- prompt rows `{"prompt": str | [msgs], ...}` (RL, pairs, win rate), or hh-rlhf rows whose dialogue is the prompt.
 
 Everything becomes chat messages and is tokenized with `alignment.tokens.encode_chat`, so a literal "<|im_end|>"
 in the data stays text. Every row is validated; a bad row is a UserError naming the file and row (or, with
@@ -19,22 +23,29 @@ in the data stays text. Every row is validated; a bad row is a UserError naming 
 from __future__ import annotations
 
 import csv
+import glob
 import gzip
 import hashlib
 import io
 import json
+import math
+import os
 import random
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .errors import UserError
-from .tokens import encode_chat, validate_messages
+from .tokens import encode_chat, encode_prompt, reply_ids, validate_messages
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".txt.gz", ".csv.gz")
 INVALID_ROWS = ("error", "skip")
 TOO_LONG = ("truncate", "drop", "error")
+_EXTRA = "\x00extra"  # csv.DictReader's key for fields beyond the header
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -48,14 +59,14 @@ class Source:
 
 @dataclass
 class Row:
-    """A raw row and the place it came from (for error messages)."""
+    """A raw row and the place it came from (for error messages): `file:line` for JSON lines, `file: row N` else."""
 
     data: dict
     where: str
 
 
 def parse_source(spec: str) -> Source:
-    """Parse `PATH_OR_NAME[@WEIGHT]`."""
+    """Parse `PATH_OR_NAME[@WEIGHT]`; WEIGHT is a finite number > 0."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"data source {spec!r}: expected a file path or hub dataset name, optionally with @WEIGHT")
     path, sep, weight = spec.rpartition("@")
@@ -65,15 +76,28 @@ def parse_source(spec: str) -> Source:
         w = float(weight)
     except ValueError:
         raise UserError(f"data source {spec!r}: weight {weight!r} after '@' is not a number") from None
-    if w <= 0:
-        raise UserError(f"data source {spec!r}: weight must be > 0")
+    if not math.isfinite(w) or w <= 0:
+        raise UserError(f"data source {spec!r}: weight {weight}; expected a finite number > 0")
     return Source(path, w)
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a file (.gz decompressed), as UTF-8; a file that is not gzip or not UTF-8 is one clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: file not found")
+    try:
+        raw = gzip.open(p, "rb").read() if p.name.endswith(".gz") else p.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{p}: not a readable gzip file ({type(e).__name__}); expected gzip-compressed text") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{p}: line {line}: undecodable bytes at byte {e.start}; expected UTF-8 text") from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -81,40 +105,68 @@ def _base_suffix(path: Path) -> str:
     return Path(name).suffix.lower()
 
 
-def _read_local(path: Path) -> list[dict]:
-    suffix = _base_suffix(path)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        source = gzip.open(path, "rb") if path.name.endswith(".gz") else str(path)
-        return pq.read_table(source).to_pylist()
-    with _open_text(path) as f:
-        text = f.read()
-    if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-        # CSV cells are strings; a cell holding a JSON list (e.g. messages) is decoded
-        for r in rows:
-            for k, v in r.items():
+def _read_csv(p: Path, text: str, fieldnames: list[str] | None) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(text), fieldnames=fieldnames, restkey=_EXTRA)
+    rows = []
+    try:
+        for r in reader:
+            line = reader.line_num
+            if _EXTRA in r:
+                raise UserError(f"{p}:{line}: {len(r) - 1 + len(r[_EXTRA])} fields, more than the "
+                                f"{len(reader.fieldnames)} of the header; expected one value per column")
+            if any(v is None for v in r.values()):
+                raise UserError(f"{p}:{line}: fewer fields than the {len(reader.fieldnames)} of the header; expected one value per column")
+            for k, v in r.items():  # a cell holding a JSON list (e.g. messages) is decoded
                 if isinstance(v, str) and v.startswith("[{"):
                     try:
                         r[k] = json.loads(v)
                     except json.JSONDecodeError:
                         pass
-        return rows
-    if suffix == ".json" and text.lstrip().startswith("["):
+            rows.append(Row(r, f"{p}:{line}"))
+    except csv.Error as e:
+        raise UserError(f"{p}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def read_file_rows(path: str | Path, fieldnames: list[str] | None = None) -> list[Row]:
+    """Rows of one local .json / .jsonl / .parquet / .csv file (optionally .gz), each tagged with its place.
+
+    `fieldnames` reads a CSV without a header row (e.g. the original MMLU files)."""
+    p = Path(path)
+    suffix = _base_suffix(p)
+    if suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"{p}: unsupported file type; expected one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not p.is_file():
+            raise UserError(f"{p}: file not found")
+        try:
+            source = gzip.open(p, "rb") if p.name.endswith(".gz") else str(p)
+            table = pq.read_table(source).to_pylist()
+        except (pa.ArrowException, OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{p}: not a readable parquet file ({' '.join(str(e).split())[:120]})") from None
+        return [Row(r, f"{p}: row {i}") for i, r in enumerate(table, 1)]
+    text = read_text(p)
+    if suffix == ".csv":
+        return _read_csv(p, text, fieldnames)
+    if suffix == ".json" and text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return data
+            raise UserError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{p}: expected a JSON array of rows (or JSON lines), got a {type(data).__name__}")
+        return [Row(r, f"{p}: row {i}") for i, r in enumerate(data, 1)]
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(Row(json.loads(line), f"{p}:{i}"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{p}:{i}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -122,7 +174,12 @@ def _is_local_data_file(p: Path) -> bool:
     return p.is_file() and _base_suffix(p) in LOCAL_SUFFIXES
 
 
-def read_rows(spec: str, split: str = "train") -> list[Row]:
+def looks_local(spec: str) -> bool:
+    """A path-like string (a suffix we read, ./ or / or ~, or more than one slash) rather than a hub `org/name`."""
+    return _base_suffix(Path(spec)) in LOCAL_SUFFIXES + (".txt",) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def read_rows(spec: str, split: str = "train", fieldnames: list[str] | None = None) -> list[Row]:
     """All rows of one source (file, directory of files, or hub dataset name), each tagged with its place."""
     p = Path(spec)
     if p.is_dir():
@@ -130,29 +187,26 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
         if not files:
             raise UserError(f"{spec}: directory has no {'/'.join(LOCAL_SUFFIXES)} files (optionally .gz)")
     elif p.is_file():
-        if _base_suffix(p) not in LOCAL_SUFFIXES:
-            raise UserError(f"{spec}: unsupported file type; expected one of {', '.join(LOCAL_SUFFIXES)} (optionally .gz)")
         files = [p]
-    elif _base_suffix(p) in LOCAL_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    elif looks_local(spec):
         raise UserError(f"{spec}: data file not found")
     else:
         return _read_hub(spec, split)
     out = []
     for f in files:
-        rows = _read_local(f)
-        if not isinstance(rows, list):
-            raise UserError(f"{f}: expected a list of rows (JSON array, JSON lines, parquet or CSV)")
-        out += [Row(r, f"{f}: row {i}") for i, r in enumerate(rows, 1)]
+        out += read_file_rows(f, fieldnames)
     return out
 
 
-def _read_hub(name: str, split: str) -> list[Row]:
+def _read_hub(name: str, split: str, config: str | None = None) -> list[Row]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, unknown split: all user-fixable
-        raise UserError(f"{name}: could not load hub dataset split {split!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        offline = " (HF_HUB_OFFLINE is set: only cached datasets load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise UserError(f"{name}: not a local file and could not load hub dataset split {split!r}{offline} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return [Row(dict(r), f"{name}[{split}]: row {i}") for i, r in enumerate(ds, 1)]
 
 
@@ -176,6 +230,75 @@ def load_mixture(specs: list[str] | str, split: str = "train", seed: int = 0) ->
             picked += [rows[i] for i in sorted(rng.sample(range(len(rows)), k))]
         out += picked
     return out
+
+
+def expand_paths(patterns: list[str], suffixes: tuple[str, ...] = TEXT_SUFFIXES, key: str = "") -> list[Path]:
+    """Expand globs and directories into a sorted list of files with one of `suffixes`; a pattern matching nothing
+    is an error (prefixed with the config `key` that named it, when given)."""
+    where = f"{key}: " if key else ""
+    if isinstance(patterns, str):
+        raise UserError(f"{where}{patterns!r}: expected a list of files, globs or directories")
+    files: list[Path] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        if not matches:
+            raise UserError(f"{where}{pat}: no such file (expected {'/'.join(suffixes)} files, globs or directories)")
+        for m in map(Path, matches):
+            if m.is_dir():
+                files += sorted(f for f in m.rglob("*") if f.is_file() and f.name.endswith(suffixes))
+            else:
+                files.append(m)
+    for f in files:
+        if not f.name.endswith(suffixes):
+            raise UserError(f"{where}{f}: unsupported file type; expected one of {', '.join(suffixes)}")
+    return files
+
+
+def iter_file_documents(path: Path, text_column: str = "text", txt_split: str = "file") -> Iterator[str]:
+    """Documents of one file. txt_split for .txt: 'file' (whole file), 'paragraph' (blank lines), 'line', or a
+    separator line such as '<|endoftext|>' (TinyStories style). Row files give their `text_column`."""
+    if path.name.endswith((".txt", ".txt.gz")):
+        text = read_text(path)
+        if txt_split == "file":
+            docs = [text]
+        elif txt_split == "paragraph":
+            docs = text.split("\n\n")
+        elif txt_split == "line":
+            docs = text.split("\n")
+        else:
+            docs = [d.strip("\n") for d in text.split(txt_split)]
+        yield from (d for d in docs if d.strip())
+        return
+    for row in read_file_rows(path):
+        if not isinstance(row.data, dict) or not isinstance(row.data.get(text_column), str):
+            raise UserError(f"{row.where}: expected an object with a string '{text_column}' field")
+        yield row.data[text_column]
+
+
+def iter_hub_documents(name: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
+    """Documents of a `datasets` hub dataset (streamed) or a local dataset directory/script."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # offline, missing, or malformed: one line for the user
+        raise UserError(f"dataset {name!r}: could not load split {split!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, row in enumerate(ds):
+        v = row.get(text_column)
+        if not isinstance(v, str):
+            raise UserError(f"dataset {name!r} row {i}: expected a string '{text_column}' column")
+        yield v
+
+
+def iter_documents(files: list[str] | None = None, dataset_name: str | None = None, dataset_config: str | None = None,
+                   dataset_split: str = "train", text_column: str = "text", txt_split: str = "file",
+                   key: str = "files") -> Iterator[str]:
+    """All documents of the configured sources, files first, then the hub dataset."""
+    for path in expand_paths(files or [], key=key):
+        yield from iter_file_documents(path, text_column, txt_split)
+    if dataset_name:
+        yield from iter_hub_documents(dataset_name, dataset_config, dataset_split, text_column)
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -221,47 +344,66 @@ def parse_hh(text: str, where: str) -> list[dict]:
     return msgs
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
-    """(line number, parsed value) of a .jsonl or .jsonl.gz file's non-blank lines; one clear error per problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: file not found")
-    raw = gzip.open(p, "rt", encoding="utf-8").read() if p.name.endswith(".gz") else p.read_text(encoding="utf-8")
+def read_prompt_rows(path: str, limit: int | None = None, split: str = "train") -> list[Row]:
+    """Prompt rows (RL, on-policy pairs, win rate) with row.data["prompt"] validated: a non-empty string or a message
+    list; other fields kept. An hh-rlhf row's "chosen" dialogue, without its final assistant turn, is the prompt."""
     rows = []
-    for i, line in enumerate(raw.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-    if not rows:
-        raise UserError(f"{p}: no rows in the file")
-    return rows
-
-
-def read_prompt_rows(path: str | Path, limit: int | None = None) -> list[tuple[int, dict]]:
-    """(line number, row) of prompt rows; each row's "prompt" is a validated message list or a string, other fields kept.
-
-    A row has "prompt" (messages or a string), or is an hh-rlhf row whose "chosen" dialogue, without its final
-    assistant turn, is the prompt (so hh-rlhf files serve as RL and win-rate prompts)."""
-    rows = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        if isinstance(row, dict) and "prompt" in row:
-            p = row["prompt"]
-            prompt = validate_messages(p, f"{where}: prompt") if isinstance(p, list) else str(p)
-        elif isinstance(row, dict) and isinstance(row.get("chosen"), str):
-            prompt = parse_hh(row["chosen"], f"{where}: chosen")
+    for row in read_rows(path, split):
+        d, where = row.data, row.where
+        if isinstance(d, dict) and "prompt" in d:
+            p = d["prompt"]
+            if isinstance(p, list):
+                prompt = validate_messages(p, f"{where}: prompt")
+            elif isinstance(p, str) and p.strip():
+                prompt = p
+            else:
+                raise UserError(f"{where}: prompt is {'empty' if isinstance(p, str) else type(p).__name__}; "
+                                "expected a non-empty string or a list of messages")
+        elif isinstance(d, dict) and isinstance(d.get("chosen"), str):
+            prompt = parse_hh(d["chosen"], f"{where}: chosen")
             while prompt and prompt[-1]["role"] == "assistant":
                 prompt = prompt[:-1]
+            if not prompt:
+                raise UserError(f"{where}: the dialogue has no turn before the assistant's; expected a prompt")
         else:
             raise UserError(f"{where}: expected a 'prompt' (messages or a string) or an hh-rlhf 'chosen' dialogue")
-        if not prompt:
-            raise UserError(f"{where}: empty prompt")
-        rows.append((i, {**row, "prompt": prompt}))
+        rows.append(Row({**d, "prompt": prompt}, where))
         if limit and len(rows) >= limit:
             break
+    if not rows:
+        raise UserError(f"{path}: no prompt rows")
     return rows
+
+
+def as_messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_prompts(tokenizer, rows: list[Row], context: int, response_length: int, long_prompts: str = "error") -> list[dict]:
+    """The prompt rows with "prompt" as messages and "input_ids" added, rendered with the chat template and the generation
+    prompt (special-token safe). A prompt that leaves no room for response_length tokens in the context is an error
+    naming its row, or with long_prompts="skip" is dropped and counted."""
+    if long_prompts not in ("error", "skip"):
+        raise UserError(f"long_prompts: {long_prompts!r}; expected 'error' or 'skip'")
+    if response_length >= context:
+        raise UserError(f"response_length: {response_length} leaves no room for a prompt in the model context of {context} tokens")
+    out, skipped = [], 0
+    for r in rows:
+        msgs = as_messages(r.data["prompt"])
+        ids = encode_prompt(tokenizer, msgs)
+        if len(ids) + response_length > context:
+            if long_prompts == "skip":
+                skipped += 1
+                continue
+            raise UserError(f"{r.where}: prompt is {len(ids)} tokens; with response_length {response_length} that exceeds "
+                            f"the model context of {context} tokens (or set long_prompts: skip)")
+        out.append({**r.data, "prompt": msgs, "input_ids": ids})
+    if skipped:
+        print(f"prompts: skipped {skipped} of {len(rows)} too long for the context", file=sys.stderr)
+    if not out:
+        raise UserError(f"prompts: no prompt fits the context of {context} tokens with response_length {response_length}")
+    return out
 
 
 def sft_messages(row: Row) -> list[dict]:
@@ -347,6 +489,20 @@ def convert_rows(rows: list[Row], convert, invalid_rows: str = "error", label: s
     return out
 
 
+def load_conversations(specs, split: str, seed: int, invalid_rows: str, label: str) -> tuple[list, list[str]]:
+    """Rows of a mixture -> validated chat conversations for SFT, and the place each came from."""
+    rows = load_mixture(specs, split=split, seed=seed)
+    kept = convert_rows(rows, lambda r: (sft_messages(r), r.where), invalid_rows, label)
+    return [c for c, _ in kept], [w for _, w in kept]
+
+
+def load_preference_pairs(specs, split: str, seed: int, invalid_rows: str, label: str) -> tuple[list, list[str]]:
+    """Rows of a mixture -> validated conversational preference pairs, and the place each came from."""
+    rows = load_mixture(specs, split=split, seed=seed)
+    kept = convert_rows(rows, lambda r: (preference_pair(r), r.where), invalid_rows, label)
+    return [p for p, _ in kept], [w for _, w in kept]
+
+
 # ---------------------------------------------------------------------------------------------------- tokenize
 
 
@@ -384,19 +540,6 @@ def tokenize_sft(tokenizer, conversations: list[list[dict]], max_length: int | N
     return out
 
 
-def _completion_ids(tokenizer, prompt_ids: list[int], prompt: list[dict], completion: list[dict], where: str) -> list[int]:
-    full = encode_chat(tokenizer, prompt + completion)["input_ids"]
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise UserError(f"{where}: the chat template renders the prompt differently alone and before a reply; "
-                        "expected the generation prompt to be a prefix of the conversation")
-    ids = full[len(prompt_ids):]
-    # stop right after the end-of-turn token: the template's trailing newline is not part of the reply
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end in ids:
-        ids = ids[: len(ids) - ids[::-1].index(im_end)]
-    return ids
-
-
 def tokenize_preference(tokenizer, pairs: list[dict], max_length: int | None, too_long: str = "truncate",
                         label: str = "preference", wheres: list[str] | None = None) -> list[dict]:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} per pair; over-long pairs keep the end of the prompt."""
@@ -404,9 +547,9 @@ def tokenize_preference(tokenizer, pairs: list[dict], max_length: int | None, to
     out, n_long, n_dropped = [], 0, 0
     for i, p in enumerate(pairs):
         where = wheres[i] if wheres else f"{label}: pair {i}"
-        prompt_ids = encode_chat(tokenizer, p["prompt"], add_generation_prompt=True)["input_ids"]
-        chosen = _completion_ids(tokenizer, prompt_ids, p["prompt"], p["chosen"], where)
-        rejected = _completion_ids(tokenizer, prompt_ids, p["prompt"], p["rejected"], where)
+        prompt_ids = encode_prompt(tokenizer, p["prompt"])
+        chosen = reply_ids(tokenizer, prompt_ids, p["prompt"], p["chosen"][0]["content"], where)
+        rejected = reply_ids(tokenizer, prompt_ids, p["prompt"], p["rejected"][0]["content"], where)
         longest = len(prompt_ids) + max(len(chosen), len(rejected))
         if max_length and longest > max_length:
             n_long += 1

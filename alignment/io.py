@@ -1,4 +1,12 @@
-"""Atomic writes: an output directory or file appears whole or not at all."""
+"""Files and directories the suite writes: atomic, marked as ours, and never deleting what a user made.
+
+- `atomic_write_bytes/text/json(path, ...)`: a file appears whole or not at all (temp sibling, fsync, rename).
+- `atomic_dir(path, overwrite)`: a directory is built in a temp sibling and swapped into place at the end; a failed
+  or interrupted run leaves the previous result byte-identical.
+- Every directory the suite writes carries a marker file (`MARKER`). `overwrite` replaces only a marked directory,
+  never one the suite did not make, and never a parent of other outputs.
+- Temp siblings of an interrupted write carry the writer's pid; `clean_stale_temps` removes those of dead processes.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +15,108 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import UserError
 
+MARKER = ".align-suite.json"  # "this directory was made by the suite": overwrite may replace it
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def clean_stale_temps(path: str | os.PathLike) -> int:
+    """Remove temp siblings of `path` (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`) left by dead writers; returns how many."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        return 0
+    n = 0
+    for kind in ("tmp", "old"):
+        for t in p.parent.glob(f".{p.name}.{kind}-*"):
+            try:
+                pid = int(t.name[len(f".{p.name}.{kind}-"):].split("-")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def is_suite_dir(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory the suite wrote (it holds the marker file)."""
+    return Path(path, MARKER).is_file()
+
+
+def write_marker(directory: str | os.PathLike, stage: str = "") -> None:
+    """Mark `directory` as made by the suite (what stage, when)."""
+    Path(directory, MARKER).write_text(json.dumps({"stage": stage, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output directory unless overwrite is set."""
+    """Refuse an output path that exists and holds something, unless overwrite is set and the suite made it.
+
+    A directory the suite did not make (no marker) is never replaced, with or without overwrite: it may hold a
+    user's files. Empty directories are fine either way."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{p}: output path exists and is not a directory")
-    if p.exists() and any(p.iterdir()) and not overwrite:
-        raise UserError(f"{p}: output directory exists; pass --overwrite true to replace it")
+    if p.exists() and any(p.iterdir()):
+        if not overwrite:
+            raise UserError(f"{p}: output directory exists; pass --overwrite true to replace it")
+        if not is_suite_dir(p):
+            raise UserError(f"{p}: output directory exists and was not written by this suite (no {MARKER}); "
+                            "expected a new path or one of the suite's own outputs, so nothing of yours is deleted")
     return p
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed."""
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, stage: str = ""):
+    """Yield a temporary sibling directory; on success it replaces `path` (marked as the suite's), on error it goes.
+
+    The previous `path` stays byte-identical until the very end, when it is swapped out in two renames."""
     final = check_output_dir(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "tmp"), dir=final.parent))
     try:
         yield tmp
+        write_marker(tmp, stage)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Move directory `src` to `final`, replacing an existing `final` (two renames; the old copy removed last)."""
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f"{_temp_prefix(final.name, 'old')}{os.urandom(3).hex()}")
         os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(src, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(src, final)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temporary sibling and rename, so readers never see half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    clean_stale_temps(p)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p.name, "tmp"), dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -67,3 +137,147 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     """JSON version of atomic_write_bytes."""
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a temporary sibling (tensors and plain containers only: loaded with weights_only=True)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "file"):
+    """torch.load with weights_only=True: tensors and plain containers load, a pickle that would run code is refused."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if blocked:  # a pickle that names a function or class to call: never run it
+            raise UserError(f"{p}: refused to load: the {what} would run code or build objects other than tensors "
+                            f"({blocked[0][:120]}); expected a file written by this suite") from None
+        raise UserError(f"{p}: corrupted or truncated {what} (not a torch file of tensors); expected a file written by "
+                        "this suite") from None
+    except Exception as e:  # truncated zip, random bytes
+        raise UserError(f"{p}: corrupted or truncated {what} ({type(e).__name__}); expected a file written by this suite") from None
+
+
+def _identity(path: str) -> list:
+    """A cheap identity of an input file or directory: (relative name, size, mtime) of its files, not their bytes."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [[p.name, st.st_size, st.st_mtime_ns]]
+    if p.is_dir():
+        out = []
+        for f in sorted(p.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                st = f.stat()
+                out.append([str(f.relative_to(p)), st.st_size, st.st_mtime_ns])
+        return out
+    return [[str(path), None, None]]  # a hub name: identified by its name
+
+
+class StageRun:
+    """The output directory of one stage run: nothing a user made is lost, and a killed run resumes.
+
+    The run works in a partial sibling `.NAME.partial/`; the finished output `NAME/` is replaced only when the run
+    has finished (`commit`), so a failed or interrupted run leaves the previous result byte-identical. The partial
+    directory records a fingerprint of the resolved config and of the inputs (file sizes and times): a later run
+    with the same fingerprint resumes from its checkpoints, a run with another fingerprint discards it and starts
+    over. `overwrite` is needed to replace a finished output, and only one the suite made."""
+
+    def __init__(self, output_dir: str | os.PathLike, overwrite: bool, config: dict, inputs: list[str] = (), stage: str = ""):
+        self.final = Path(output_dir)
+        self.stage = stage
+        self.fingerprint = {"config": config, "inputs": {str(i): _identity(str(i)) for i in inputs}}
+        self.overwrite = overwrite
+        self.work = self.final.with_name(f".{self.final.name}.partial")
+        self.resumed = False
+        for i in inputs:  # never write over (or later replace) a directory that holds this run's own inputs
+            ip = Path(str(i)).resolve()
+            fp = self.final.resolve()
+            if ip == fp or fp in ip.parents:
+                raise UserError(f"output_dir: {self.final} contains the input {i}; expected an output path outside the inputs")
+
+    def matching_partial(self) -> bool:
+        """True when a partial work directory of a run with this fingerprint exists (start() will resume it)."""
+        try:
+            old = json.loads((self.work / MARKER).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            return False
+        return old == json.loads(json.dumps(self.fingerprint, default=str))
+
+    def start(self) -> Path:
+        """Check the output path, then return the work directory (resumed when its fingerprint matches)."""
+        if self.final.exists() and any(self.final.iterdir()):
+            if not self.final.is_dir():
+                raise UserError(f"{self.final}: output path exists and is not a directory")
+            if not self.overwrite:
+                raise UserError(f"{self.final}: output directory exists (a finished run); pass --overwrite true to replace it")
+            if not is_suite_dir(self.final):
+                raise UserError(f"{self.final}: output directory exists and was not written by this suite (no {MARKER}); "
+                                "expected a new path or one of the suite's own outputs, so nothing of yours is deleted")
+        elif self.final.exists() and not self.final.is_dir():
+            raise UserError(f"{self.final}: output path exists and is not a directory")
+        clean_stale_temps(self.final)
+        state = self.work / MARKER
+        if self.work.is_dir():
+            if self.matching_partial():
+                self.resumed = True
+                return self.work
+            if not state.is_file():
+                raise UserError(f"{self.work}: exists and was not written by this suite; expected to use it for the run in progress")
+            shutil.rmtree(self.work)  # ours, from a run with another config or inputs: its checkpoints do not apply
+        self.work.mkdir(parents=True)
+        state.write_text(json.dumps({"stage": self.stage, "fingerprint": self.fingerprint,
+                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, default=str) + "\n")
+        return self.work
+
+    def commit(self) -> Path:
+        """Swap the finished work directory into place as the output (the previous output is removed last)."""
+        write_marker(self.work, self.stage)
+        replace_dir(self.work, self.final)
+        return self.final
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU and CUDA) as tensors and plain values, so a checkpoint
+    holding them loads with weights_only=True."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state returned."""
+    import random
+
+    import numpy as np
+    import torch
+
+    try:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError("checkpoint: the RNG state is not the one this suite writes; expected a checkpoint of this version") from None
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,11 +1,12 @@
 """Our PPO for RLHF: the math, the value head, rollouts, and one readable update loop.
 
-`recipes/ppo.py` (`align ppo`) loads the models and calls this; tests drive it directly on tiny models.
+`recipes/ppo.py` (`align ppo`) loads the models and calls this; tests drive it directly on tiny models. Sampling
+goes through `alignment.sampling`, scores through a score function (`alignment.rewards`).
 
 One update (Ouyang et al. 2022; Ziegler et al. 2019; the "N implementation details of RLHF with PPO" notes):
   1. sample a batch of prompts, generate responses with the LoRA policy (stop at end of turn)
-  2. score prompt + response with the reward model, normalised by the statistics the reward stage saved;
-     a fixed penalty for responses that never end
+  2. score prompt + response (the reward model, normalised by the statistics the reward stage saved, a fixed
+     penalty for responses that never end: alignment.rewards)
   3. per-token reward = -kl_coef * KL(policy || reference) + score on the last response token, where the
      reference is the same network with its LoRA adapter disabled (no second copy in memory)
   4. GAE advantages from a value head, whitened; several epochs of clipped policy + clipped value loss over
@@ -17,9 +18,6 @@ Metrics carry TRL's names (objective/kl, policy/clipfrac_avg, ...) so they read 
 from __future__ import annotations
 
 import json
-import math
-import random
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .io import atomic_torch_save, atomic_write_json, rng_state, safe_torch_load, set_rng_state
+from .sampling import SamplingParams, generate_batch, left_pad, truncate_at_stop
 
 INVALID_LOGPROB = 1.0  # filler for padded response positions; always masked out
 
@@ -215,7 +215,8 @@ class PPOHyper:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per minibatch (mini_batch_size must be a multiple of it).")
     num_ppo_epochs: int = _f(4, "Passes over each rollout batch.")
     response_length: int = _f(32, "Maximum new tokens per response.")
-    temperature: float = _f(1.0, "Sampling temperature of rollouts (log-probs use the same temperature).")
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (log-probs use the same temperature).",
+                                                      "range": (0, None, False, True, ())})
     learning_rate: float = _f(1e-4, "AdamW learning rate (policy LoRA and value head).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     gamma: float = _f(1.0, "Discount factor.")
@@ -229,29 +230,7 @@ class PPOHyper:
     kl_horizon: int = _f(10000, "Adaptive controller: horizon in episodes.")
     kl_estimator: str = _f("k1", "Per-token KL estimator in the reward: k1 (log ratio) or k3 (non-negative).")
     whiten_rewards: bool = _f(False, "Whiten per-token rewards (scale only) before GAE.")
-    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a response that never reaches end of turn.")
     seed: int = _f(0, "Seed of prompt order, sampling and initialisation.")
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (B, L) ids and attention mask (generation continues from the right edge)."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-        att[i, L - len(s):] = 1
-    return ids, att
-
-
-def truncate_at_stop(responses: torch.Tensor, stop_ids: list[int], pad_id: int):
-    """Cut each response after its first stop token. Returns (responses, mask (B, R), ended (B,) bool)."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))  # (B, R)
-    ended = is_stop.any(1)
-    first = torch.where(ended, is_stop.int().argmax(1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
-    pos = torch.arange(responses.shape[1], device=responses.device)[None]  # (1, R)
-    mask = (pos <= first[:, None]).long()  # the stop token itself is part of the response
-    return responses.masked_fill(mask == 0, pad_id), mask, ended
 
 
 def forward_response(policy, value_head, query, query_mask, response, response_mask, temperature: float,
@@ -307,15 +286,16 @@ class Experience:
         return Experience(**kw)
 
 
-ScoreFn = Callable[[list, list[str], torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[list[dict], list], torch.Tensor]
 
 
 class PPO:
     """The PPO loop state: policy (LoRA), value head, optimizer, KL controller, and the update step.
 
     policy: a peft model (reference = adapter disabled) or, for full fine-tuning, any causal LM with `ref_model`.
-    score_fn(prompts, response_texts, response_ids, response_mask) -> (B,) normalised scores.
-    prompts: a list of {"prompt": messages, "input_ids": [...]} rows, sampled in a seeded order per epoch."""
+    score_fn(rows, completions) -> (B,) scores (rows: the prompt dicts; completions: alignment.sampling.Completion).
+    prompts: a list of {"prompt": messages, "input_ids": [...], ...the row's other fields} (alignment.data.encode_prompts),
+    sampled in a seeded order per epoch."""
 
     def __init__(self, policy, value_head: ValueHead, tokenizer, score_fn: ScoreFn, prompts: list[dict],
                  hp: PPOHyper, stop_ids: list[int], ref_model=None, device: str | torch.device = "cpu"):
@@ -357,26 +337,28 @@ class PPO:
     @torch.no_grad()
     def rollout(self, rows: list[dict], reference: bool = False):
         """Sample responses (from the reference when `reference`). Returns query, query_mask, response, mask, ended, texts."""
-        hp = self.hp
-        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id)
-        query, query_mask = query.to(self.device), query_mask.to(self.device)
-        kw = dict(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
-                  max_new_tokens=hp.response_length, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        from .sampling import decode_response
+
+        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id, self.device)
+        params = SamplingParams(max_new_tokens=self.hp.response_length, temperature=self.hp.temperature, seed=None)
         if reference and self.ref_model is not None:
-            out = self.ref_model.generate(**kw)
+            new = generate_batch(self.ref_model, query, query_mask, params, self.stop_ids, self.pad_id)
         elif reference:
             with self.policy.disable_adapter():
-                out = self.policy.generate(**kw)
+                new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id)
         else:
-            out = self.policy.generate(**kw)
-        response, response_mask, ended = truncate_at_stop(out[:, query.shape[1]:], self.stop_ids, self.pad_id)
-        texts = [response_content(self.tokenizer.decode(r[m.bool()], skip_special_tokens=False)) for r, m in zip(response, response_mask)]
+            new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id)
+        response, response_mask, ended = truncate_at_stop(new, self.stop_ids, self.pad_id)
+        texts = [decode_response(self.tokenizer, r[m.bool()].tolist(), self.stop_ids) for r, m in zip(response, response_mask)]
         return query, query_mask, response, response_mask, ended, texts
 
     def scores(self, rows, texts, response, response_mask, ended) -> torch.Tensor:
-        """Normalised reward-model (or programmatic) scores minus the penalty for responses that never end, (B,)."""
-        s = self.score_fn([r["prompt"] for r in rows], texts, response, response_mask).to(self.device).float()
-        return s - self.hp.missing_eos_penalty * (~ended).float()
+        """The score function's scores of the responses, (B,)."""
+        from .sampling import FINISH_LENGTH, FINISH_STOP, Completion
+
+        comps = [Completion(r[m.bool()].tolist(), t, FINISH_STOP if e else FINISH_LENGTH, 0)
+                 for r, m, t, e in zip(response, response_mask, texts, ended.tolist())]
+        return torch.as_tensor(self.score_fn(rows, comps), dtype=torch.float32).to(self.device)
 
     @torch.no_grad()
     def make_experience(self, rows: list[dict]) -> Experience:
@@ -482,9 +464,10 @@ class PPO:
             q, qm, r, rm, ended, texts = self.rollout(chunk, reference=True)
             ref.append(self.scores(chunk, texts, r, rm, ended))
         pol, ref, kls = torch.cat(pol), torch.cat(ref), torch.cat(kls)
-        win = float(((pol > ref).float() + 0.5 * (pol == ref).float()).mean())
+        from .stats import win_rate
+
         return {"score_policy": float(pol.mean()), "score_reference": float(ref.mean()), "kl": float(kls.mean()),
-                "win_rate": win, "n": len(rows)}
+                "win_rate": win_rate(pol.cpu().numpy(), ref.cpu().numpy())["win_rate"], "n": len(rows)}
 
     # -- checkpoint ------------------------------------------------------------------------------------------
 
@@ -495,142 +478,39 @@ class PPO:
         return state
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Everything an exact resume needs: trainable weights, optimizer, KL controller, step, metrics, RNG."""
-        import numpy as np
+        """Everything an exact resume needs: trainable weights, optimizer, KL controller, step, metrics, RNG.
 
+        Tensors and plain values only (loaded back with weights_only=True: a checkpoint never runs code)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.trainable_state(), path / "trainable.pt")
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, path / "rng.pt")
-        (path / "state.json").write_text(json.dumps({"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
-                                                     "hyper": asdict(self.hp), "history": self.history}, indent=1))
+        atomic_torch_save(self.trainable_state(), path / "trainable.pt")
+        atomic_torch_save(self.optimizer.state_dict(), path / "optimizer.pt")
+        atomic_torch_save(rng_state(), path / "rng.pt")
+        atomic_write_json(path / "state.json", {"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
+                                                "hyper": asdict(self.hp), "history": self.history}, indent=1)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by save_checkpoint (same models, same config)."""
-        import numpy as np
-
         path = Path(path)
         if not (path / "state.json").is_file():
             raise UserError(f"{path}: not a PPO checkpoint (no state.json)")
-        state = torch.load(path / "trainable.pt", map_location="cpu")
+        state = safe_torch_load(path / "trainable.pt", "PPO checkpoint")
         named = {f"policy.{n}": p for n, p in self.policy.named_parameters() if p.requires_grad}
         named.update({f"value.{n}": p for n, p in self.value_head.named_parameters() if p.requires_grad})
-        if set(named) != set(state):
-            diff = sorted(set(named) ^ set(state))[:3]
+        if not isinstance(state, dict) or set(named) != set(state):
+            diff = sorted(set(named) ^ set(state if isinstance(state, dict) else {}))[:3]
             raise UserError(f"{path}: checkpoint does not match this model and LoRA config (differs at {diff})")
         with torch.no_grad():
             for k, p in named.items():
                 p.copy_(state[k])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-        meta = json.loads((path / "state.json").read_text())
-        self.step, self.history = meta["step"], meta["history"]
-        self.kl_ctl.load_state_dict(meta["kl_controller"])
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# prompts and the reward model
-
-
-def read_prompt_rows(path: str | Path, limit: int = 0) -> list[tuple[int, list[dict]]]:
-    """(line number, prompt messages) from .jsonl(.gz): rows with "prompt" (messages or a string, which becomes one
-    user turn), or hh-rlhf rows with "chosen" (the dialogue up to its last assistant turn)."""
-    from .data import read_prompt_rows as read_rows
-
-    rows = read_rows(path, limit or None)
-    return [(i, [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]) for i, r in rows]
-
-
-def encode_prompts(tokenizer, rows, context: int, response_length: int, where: str, long_prompts: str = "error") -> list[dict]:
-    """Encode prompts with the chat template and the generation prompt.
-
-    A prompt that leaves no room for response_length tokens in the context is an error, or with
-    long_prompts="skip" is dropped and counted."""
-    from .tokens import encode_chat
-
-    if long_prompts not in ("error", "skip"):
-        raise UserError(f"long_prompts: expected 'error' or 'skip', got {long_prompts!r}")
-    out, skipped = [], 0
-    for line, msgs in rows:
-        ids = encode_chat(tokenizer, msgs, add_generation_prompt=True)["input_ids"]
-        if len(ids) + response_length > context:
-            if long_prompts == "skip":
-                skipped += 1
-                continue
-            raise UserError(f"{where}:{line}: prompt is {len(ids)} tokens; with response_length {response_length} "
-                            f"that exceeds the model context of {context} tokens (or set long_prompts: skip)")
-        out.append({"prompt": msgs, "input_ids": ids})
-    if skipped:
-        print(f"{where}: skipped {skipped} of {len(rows)} prompts too long for the context", file=sys.stderr)
-    if not out:
-        raise UserError(f"{where}: no prompt fits the context of {context} tokens with response_length {response_length}")
-    return out
-
-
-def reward_stats(reward_dir: str | Path, normalize: bool) -> tuple[float, float]:
-    """(mean, std) to normalise reward-model scores, from reward_stats.json; (0, 1) when normalize is off."""
-    if not normalize:
-        return 0.0, 1.0
-    path = Path(reward_dir) / "reward_stats.json"
-    if not path.is_file():
-        raise UserError(f"{path}: missing; expected the reward stage's normalisation statistics "
-                        f"(or set normalize_reward: false to use raw scores)")
-    try:
-        s = json.loads(path.read_text())
-        mean, std = float(s["mean"]), float(s["std"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: expected a JSON object with numeric 'mean' and 'std'") from None
-    if not math.isfinite(mean) or not math.isfinite(std) or std <= 0:
-        raise UserError(f"{path}: expected a finite mean and a std > 0, got mean={mean}, std={std}")
-    return mean, std
-
-
-def check_same_tokenizer(policy_tok, reward_tok, policy_path: str, reward_path: str) -> None:
-    """The reward model must read tokens the way the policy writes them: same vocabulary and special tokens."""
-    if policy_tok.get_vocab() != reward_tok.get_vocab() or policy_tok.all_special_tokens != reward_tok.all_special_tokens:
-        raise UserError(f"{reward_path}: the reward model's tokenizer differs from the policy's ({policy_path}); "
-                        f"expected both stages to use the same tokenizer")
-
-
-class RewardModelScorer:
-    """Score (prompt, response) conversations with a sequence-classification reward model, normalised.
-
-    The conversation is re-rendered with the chat template, exactly as the reward stage saw chosen/rejected
-    answers, and scored at its last token."""
-
-    def __init__(self, model, tokenizer, mean: float, std: float, batch_size: int = 16):
-        self.model, self.tokenizer, self.mean, self.std, self.batch_size = model, tokenizer, mean, std, batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    @torch.no_grad()
-    def raw(self, conversations: list[list[dict]]) -> torch.Tensor:
-        """Unnormalised reward-model scores of full conversations, (N,)."""
-        from .modeling import reward_scores
-        from .tokens import encode_chat
-
-        seqs = [encode_chat(self.tokenizer, c)["input_ids"] for c in conversations]
-        return reward_scores(self.model, seqs, self.pad_id, batch_size=self.batch_size)
-
-    def __call__(self, prompts, texts, response=None, response_mask=None) -> torch.Tensor:
-        """Normalised scores (N,) of each prompt followed by the assistant response text."""
-        conv = [list(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-        return (self.raw(conv) - self.mean) / self.std
-
-
-def response_content(text: str) -> str:
-    """The assistant content of a generated response: the text before its end-of-turn / end-of-text token."""
-    for stop in ("<|im_end|>", "<|endoftext|>"):
-        text = text.split(stop)[0]
-    return text
+        self.optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt", "PPO optimizer state"))
+        try:
+            meta = json.loads((path / "state.json").read_text())
+            self.step, self.history = meta["step"], meta["history"]
+            self.kl_ctl.load_state_dict(meta["kl_controller"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path / 'state.json'}: expected the JSON a PPO checkpoint writes (step, history, kl_controller)") from None
+        set_rng_state(safe_torch_load(path / "rng.pt", "PPO RNG state"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,112 +537,3 @@ def plot_curves(history: list[dict], path: str | Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loading shared by `align ppo`, `align rloo` and `align grpo`
-
-
-def load_reward_model(path: str, load_in_8bit: bool, device):
-    """The frozen reward model (AutoModelForSequenceClassification, 1 label), optionally 8-bit."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .modeling import quantization_config
-
-    q = quantization_config(type("RewardArgs", (), {"load_in_8bit": load_in_8bit, "load_in_4bit": False})())
-    kw = {"quantization_config": q, "device_map": {"": str(device)}} if q is not None else {}
-    rm = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32 if q is None else torch.float16, **kw)
-    if q is None:
-        rm.to(device)
-    return rm.eval().requires_grad_(False)
-
-
-@dataclass
-class OnlineRLArguments:
-    """Reward model and prompts for `align rloo` / `align grpo` (training: TRL's RLOOConfig / GRPOConfig)."""
-
-    reward_model: str = _f("runs/tiny/reward/merged", "Reward model directory (sequence classification, 1 label).")
-    normalize_reward: bool = _f(True, "Normalise scores with <reward_model>/reward_stats.json (false = raw scores).")
-    reward_load_in_8bit: bool = _f(False, "Load the reward model in 8-bit (bitsandbytes).")
-    reward_batch_size: int = _f(16, "Sequences per reward-model forward pass.")
-    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a completion that never reaches end of turn.")
-    prompts: str = _f("runs/tiny/data/rl/prompts.jsonl", "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues.")
-    max_prompts: int = _f(0, "Use at most this many prompts (0 = all).")
-    long_prompts: str = _f("error", "A prompt too long for the context: 'error' (stop, naming it) or 'skip' (count).")
-    cpu_threads: int = _f(0, "torch threads on CPU (0 = torch's default). 1 is several times faster for tiny models on a busy machine.")
-    overwrite: bool = _f(False, "Replace an existing output directory (else resume from its last checkpoint).")
-
-
-def run_trl_online(trainer_name: str, cfg) -> dict:
-    """`align rloo` / `align grpo`: TRL's RLOOTrainer / GRPOTrainer with our reward model, prompts and outputs.
-
-    cfg: (OnlineRLArguments, RLOOConfig | GRPOConfig, ModelConfig)."""
-    import time
-
-    import trl
-    from datasets import Dataset
-    from transformers import AutoConfig
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .config import cpu_fallback, save_config
-    from .io import atomic_write_json, check_output_dir
-    from .modeling import check_model_dir, load_model, load_tokenizer, lora_config, save_stage_outputs
-
-    script, args, model_args = cfg
-    t0 = time.time()
-    cpu_fallback(args)
-    if not model_args.model_name_or_path:
-        raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
-    check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    check_model_dir(script.reward_model, "reward_model")
-    if args.beta < 0:
-        raise UserError(f"beta: expected the KL coefficient >= 0, got {args.beta}")
-    out = Path(args.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() and not script.overwrite else None
-    if last is None:
-        check_output_dir(out, script.overwrite)
-    mean, std = reward_stats(script.reward_model, script.normalize_reward)
-    tok = load_tokenizer(model_args.model_name_or_path)
-    check_same_tokenizer(tok, load_tokenizer(script.reward_model), model_args.model_name_or_path, script.reward_model)
-    context = AutoConfig.from_pretrained(model_args.model_name_or_path).max_position_embeddings
-    rows = read_prompt_rows(script.prompts, script.max_prompts)
-    kept = encode_prompts(tok, rows, context, args.max_completion_length or 0, script.prompts, script.long_prompts)
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in kept])
-    stop_ids = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)}
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if script.cpu_threads and device.type == "cpu":
-        torch.set_num_threads(script.cpu_threads)
-    scorer = RewardModelScorer(load_reward_model(script.reward_model, script.reward_load_in_8bit, device), tok, mean, std,
-                               script.reward_batch_size)
-
-    def reward_model(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-        """Normalised reward-model score of each prompt + completion, minus the missing end-of-turn penalty."""
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-        s = scorer(prompts, [response_content(t) for t in texts])
-        if completion_ids is not None:
-            ended = torch.tensor([any(i in stop_ids for i in ids) for ids in completion_ids])
-            s = s - script.missing_eos_penalty * (~ended).float()
-        return s.tolist()
-
-    if out.exists() and script.overwrite:
-        import shutil
-
-        shutil.rmtree(out)
-    policy = load_model(model_args.model_name_or_path, model_args, kind="causal", tokenizer=tok)
-    trainer_cls = getattr(trl, trainer_name)
-    trainer = trainer_cls(model=policy, reward_funcs=reward_model, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=lora_config(model_args) if model_args.use_peft else None)
-    result = trainer.train(resume_from_checkpoint=last)
-    save_stage_outputs(trainer.model, tok, model_args.model_name_or_path, out, overwrite=True)
-    save_config(out, script, args, model_args)
-    logs = [h for h in trainer.state.log_history if "reward" in h]
-    summary = {"trainer": trainer_name, "steps": result.global_step, "seconds": round(time.time() - t0, 1),
-               "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
-    atomic_write_json(out / "summary.json", summary)
-    if logs:
-        f, l = logs[0], logs[-1]
-        print(f"{trainer_name}: {result.global_step} steps in {summary['seconds']}s -> {out}/merged; reward "
-              f"{f['reward']:+.3f} -> {l['reward']:+.3f}, kl {f.get('kl', float('nan')):.4f} -> {l.get('kl', float('nan')):.4f}")
-    return summary

@@ -24,8 +24,8 @@ Output layout (DIR):
     mmlu/{dev,test}/tinyworld_{dev,test}.csv   question,choice0..choice3,answer (0-3)
     world.json, stats.json, config.yaml
 
-`check(record, response)` scores a generated answer against the ground truth; `answer_accuracy(model_dir, ...)`
-generates answers to qa/test.jsonl and reports accuracy and the well-formed (ends at <|im_end|>) rate.
+`check(record, response)` scores a generated answer against the ground truth and `well_formed` its shape; the eval
+task `answers` (evals/generative.py) generates answers to qa/test.jsonl and reports both.
 The same seed gives byte-identical files.
 """
 
@@ -34,12 +34,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import parse_config, save_config
 from .errors import UserError, exit_on_user_error
@@ -437,75 +435,6 @@ def well_formed(response: str, stopped: bool, max_words: int = 30) -> bool:
             and "<|" not in text and "\n" not in text)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a .jsonl file (UserError naming the file and line on bad JSON)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: file not found")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-    return rows
-
-
-def generate_answers(model_dir: str | Path, prompts: list[list[dict]], max_new_tokens: int = 48, batch_size: int = 16,
-                     temperature: float = 0.0, seed: int = 0) -> list[dict]:
-    """Generate one reply per prompt with a Hugging Face model directory: [{"text", "stopped"}] (stopped = ended at
-    <|im_end|> or end of text rather than at max_new_tokens). Greedy unless temperature > 0."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .tokens import encode_chat
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    torch.manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [encode_chat(tok, p, add_generation_prompt=True)["input_ids"] for p in prompts[i: i + batch_size]]
-        T = max(map(len, enc))
-        ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc])  # left padding: (B, T)
-        mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
-                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None)
-        for row in gen[:, T:].tolist():
-            ended = next((j for j, t in enumerate(row) if t in stop), None)
-            body = row if ended is None else row[:ended]
-            out.append({"text": tok.decode(body, skip_special_tokens=False), "stopped": ended is not None})
-    return out
-
-
-def answer_accuracy(model_dir: str | Path, qa_file: str | Path, limit: int | None = None, max_new_tokens: int = 48,
-                    batch_size: int = 16, num_samples: int = 5) -> dict:
-    """Generate greedy answers to qa_file's prompts and score them: accuracy (ground-truth checker), its standard
-    error, the well-formed rate (ends at <|im_end|>, one short sentence), and a few samples."""
-    records = read_jsonl(qa_file)[:limit] if limit else read_jsonl(qa_file)
-    if not records:
-        raise UserError(f"{qa_file}: no questions")
-    gens = generate_answers(model_dir, [r["prompt"] for r in records], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    correct = [check(r, g["text"]) for r, g in zip(records, gens)]
-    formed = [well_formed(g["text"], g["stopped"]) for g in gens]
-    n = len(records)
-    acc, wf = sum(correct) / n, sum(formed) / n
-    return {
-        "n": n,
-        "answer_accuracy": acc,
-        "answer_accuracy_stderr": math.sqrt(acc * (1 - acc) / n),
-        "well_formed_rate": wf,
-        "well_formed_stderr": math.sqrt(wf * (1 - wf) / n),
-        "stopped_rate": sum(g["stopped"] for g in gens) / n,
-        "samples": [{"question": r["prompt"][-1]["content"], "answer": g["text"], "correct": c}
-                    for r, g, c in list(zip(records, gens, correct))[:num_samples]],
-    }
-
-
 # ---------------------------------------------------------------- writing
 
 
@@ -569,7 +498,7 @@ def main(cfg: TinyWorldConfig) -> dict:
         "world.json": json.dumps({"people": world["people"], "eval_units": sorted({f["unit"] for f in evals})}, indent=1, ensure_ascii=False) + "\n",
         "stats.json": json.dumps(stats, indent=1) + "\n",
     }
-    with atomic_dir(cfg.output, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.output, cfg.overwrite, stage="data") as tmp:
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text, encoding="utf-8")

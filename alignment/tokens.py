@@ -55,7 +55,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, chat_t
 
     Returns {"input_ids": [...], "assistant_masks": [...]} where assistant_masks is 1 on the tokens inside the
     template's `{% generation %}` spans (assistant contents and their end-of-turn token)."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from .compat import render_chat_template
 
     messages = validate_messages(messages)
     template = chat_template or tokenizer.chat_template
@@ -63,14 +63,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, chat_t
         raise UserError("tokenizer has no chat_template; expected one (train it with `align tokenizer`)")
     contents = [m["content"].replace(_PH_OPEN, "").replace(_PH_CLOSE, "") for m in messages]
     placeheld = [{"role": m["role"], "content": f"{_PH_OPEN}{i}{_PH_CLOSE}"} for i, m in enumerate(messages)]
-    rendered, spans = render_jinja_template(
-        conversations=[placeheld],
-        chat_template=template,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-        **tokenizer.special_tokens_map,
-    )
-    rendered, spans = rendered[0], spans[0]
+    rendered, spans = render_chat_template(template, placeheld, add_generation_prompt, **tokenizer.special_tokens_map)
 
     def in_generation(pos: int) -> bool:
         return any(a <= pos < b for a, b in spans)
@@ -92,3 +85,49 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool = False, chat_t
         mask += [int(in_generation(m.start()))] * len(content_ids)
         cursor = m.end()
     return {"input_ids": ids, "assistant_masks": mask}
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A prompt as generation input: messages (or a string, as one user turn) through the chat template with the
+    generation prompt; a plain string for a tokenizer without a chat template (a base model continues the text)."""
+    if isinstance(prompt, str) and not tokenizer.chat_template:
+        return encode_text(tokenizer, prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return encode_chat(tokenizer, messages, add_generation_prompt=True)["input_ids"]
+
+
+def reply_ids(tokenizer, prompt_ids: list[int], prompt, reply: str, where: str = "reply") -> list[int]:
+    """The ids of an assistant reply after `prompt_ids` (= encode_prompt(prompt)), ending at its end-of-turn token:
+    what a reward model reads its score at. A string prompt without a chat template continues as plain text."""
+    if isinstance(prompt, str) and not tokenizer.chat_template:
+        return encode_text(tokenizer, prompt + reply)[len(prompt_ids):]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    full = encode_chat(tokenizer, messages + [{"role": "assistant", "content": reply}])["input_ids"]
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise UserError(f"{where}: the chat template renders the prompt differently alone and before a reply; "
+                        "expected the generation prompt to be a prefix of the conversation")
+    ids = full[len(prompt_ids):]
+    # stop right after the end-of-turn token: the template's trailing newline is not part of the reply
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end in ids:
+        ids = ids[: len(ids) - ids[::-1].index(im_end)]
+    return ids
+
+
+def tokenizer_hash(path) -> str:
+    """Content hash (16 hex) of the tokenizer that turns text into ids: tokenizer.json, else the slow tokenizer files.
+
+    Identifies the tokenizer of packed shards, caches and eval reports; the chat template is not part of it (what a
+    template renders is part of the tokenized data, which caches hash themselves)."""
+    import hashlib
+    from pathlib import Path
+
+    d = Path(str(path))
+    files = [d / "tokenizer.json"] if (d / "tokenizer.json").is_file() else sorted(
+        f for f in d.glob("*") if f.name in ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt"))
+    if not files:
+        raise UserError(f"{d}: no tokenizer files to hash; expected tokenizer.json (or tokenizer.model)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -28,7 +28,7 @@ from alignment.errors import UserError, exit_on_user_error
 
 from .report import build_report, write_report
 
-TASKS = ("perplexity", "mmlu", "preference", "dpo", "winrate")
+TASKS = ("perplexity", "mmlu", "preference", "dpo", "winrate", "answers")
 
 
 @dataclass
@@ -68,6 +68,11 @@ class EvalConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1.0 keeps the KL estimate unbiased)."})
     num_samples: int = field(default=1, metadata={"help": "Win rate: responses sampled per prompt from each model; a prompt's "
                                                   "outcome is the share of its k*k comparisons won (less noise, same quantity)."})
+    # generative answers
+    answer_files: list[str] = field(default_factory=list, metadata={"help": "Questions with ground truth (.jsonl prompt rows, "
+                                                                    "e.g. qa/test.jsonl of `align data tinyworld`) for the answers task."})
+    checker: str = field(default="tinyworld", metadata={"help": "How the answers task checks an answer: tinyworld."})
+    answer_max_new_tokens: int = field(default=48, metadata={"help": "Answers task: longest answer in tokens (greedy)."})
     # run
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (results do not depend on it)."})
     limit: int | None = field(default=None, metadata={"help": "Score only the first n items of each task (for quick checks)."})
@@ -104,26 +109,27 @@ def evaluate(model: str, tasks=("perplexity",), **options) -> tuple[dict, list[d
 
 def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Run every configured task on the model; returns (report dict, samples)."""
-    from .scoring import load_model
+    from .scoring import scoring_model
 
     t0 = time.time()
     tasks = _task_list(cfg.tasks)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size: expected a positive integer, got {cfg.batch_size}")
-    if cfg.num_fewshot < 0:
-        raise UserError(f"num_fewshot: expected 0 or more, got {cfg.num_fewshot}")
+    for name in ("batch_size", "max_new_tokens", "num_samples", "answer_max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}: {getattr(cfg, name)}; expected a positive integer")
+    if cfg.num_fewshot < 0 or cfg.temperature < 0 or (cfg.limit is not None and cfg.limit < 1):
+        raise UserError("num_fewshot, temperature, limit: expected num_fewshot >= 0, temperature >= 0 (0 = greedy) and limit >= 1")
     # read and check every input before the (slow) model work, so bad input fails fast with nothing written
     docs = mc = None
     if "perplexity" in tasks:
-        from pretrain.sources import iter_documents
+        from alignment.data import iter_documents
 
         if not cfg.perplexity_files and not cfg.perplexity_dataset:
             raise UserError("perplexity: set perplexity_files or perplexity_dataset")
         docs = list(iter_documents(cfg.perplexity_files, cfg.perplexity_dataset, cfg.perplexity_dataset_config,
-                                   cfg.perplexity_split, cfg.text_column, cfg.txt_split))
+                                   cfg.perplexity_split, cfg.text_column, cfg.txt_split, key="perplexity_files"))
         if not docs:
             raise UserError(f"{', '.join(cfg.perplexity_files) or cfg.perplexity_dataset}: no documents (empty text?)")
         docs = docs[:cfg.limit] if cfg.limit else docs
@@ -151,7 +157,19 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         if cfg.num_samples < 1:
             raise UserError(f"winrate: num_samples must be at least 1, got {cfg.num_samples}")
         prompts = read_prompts(cfg.prompts_file, cfg.limit)
-    lm = load_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
+    answer_rows = None
+    if "answers" in tasks:
+        from .generative import read_answer_rows
+
+        if not cfg.answer_files:
+            raise UserError("answers: set answer_files (questions with ground truth, e.g. runs/tiny/data/qa/test.jsonl)")
+        answer_rows = read_answer_rows(_split(cfg.answer_files), cfg.checker, cfg.limit)
+    for name in ("reward_model", "reference_model"):
+        if getattr(cfg, name):
+            from alignment.modeling import check_model_dir
+
+            check_model_dir(getattr(cfg, name), name)
+    lm = scoring_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
     results: dict = {}
     samples: list[dict] = []
     if docs is not None:
@@ -169,22 +187,28 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         results.update(r)
         samples += s
     if pairs is not None:
-        from .preference import dpo_accuracy, reward_accuracy
+        from .preference import evaluate_dpo_accuracy, evaluate_reward_accuracy
 
         if "preference" in tasks:
-            r, s = reward_accuracy(cfg.reward_model, pairs, cfg.batch_size)
+            r, s = evaluate_reward_accuracy(cfg.reward_model, pairs, cfg.batch_size)
             results["reward_accuracy"] = r
             samples += s
         if "dpo" in tasks:
-            r, s = dpo_accuracy(lm, cfg.reference_model, pairs, cfg.beta, cfg.batch_size)
+            r, s = evaluate_dpo_accuracy(lm, cfg.reference_model, pairs, cfg.beta, cfg.batch_size)
             results["dpo_accuracy"] = r
             samples += s
     if prompts is not None:
-        from .preference import win_rate
+        from .preference import evaluate_win_rate
 
-        r, s = win_rate(lm, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens, cfg.temperature,
-                        cfg.seed, cfg.batch_size, cfg.num_samples)
+        r, s = evaluate_win_rate(lm, cfg.reference_model, cfg.reward_model, prompts, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.seed, cfg.batch_size, cfg.num_samples)
         results["win_rate"] = r
+        samples += s
+    if answer_rows is not None:
+        from .generative import evaluate_answers
+
+        r, s = evaluate_answers(lm, answer_rows, cfg.answer_max_new_tokens, cfg.batch_size, source=", ".join(_split(cfg.answer_files)))
+        results["answers"] = r
         samples += s
     model_info = {"path": cfg.model, "adapter": cfg.adapter, "hash": lm.model_hash, "tokenizer_hash": lm.tokenizer_hash,
                   "max_length": lm.max_length, "load_in_8bit": cfg.load_in_8bit, "load_in_4bit": cfg.load_in_4bit}
@@ -198,7 +222,8 @@ def main(cfg: EvalConfig) -> dict:
     report, samples = run(cfg)
     paths = write_report(report, cfg.output, samples if cfg.log_samples else None)
     for name, r in report["results"].items():
-        shown = ", ".join(f"{k} {r[k]:.4f}" for k in ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "margin", "win_rate", "kl")
+        shown = ", ".join(f"{k} {r[k]:.4f}" for k in ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "margin", "win_rate", "kl",
+                                                       "answer_accuracy", "well_formed_rate")
                           if isinstance(r.get(k), float))
         print(f"eval {name} (n={r.get('n')}, {r.get('num_fewshot')}-shot, {r.get('scoring')}): {shown}")
     print(f"eval: report -> {paths['json']} (+ .md, .png{', .samples.jsonl' if 'samples' in paths else ''}) "

@@ -29,7 +29,7 @@ import numpy as np
 from alignment.errors import UserError
 from alignment.tokens import encode_chat, encode_text
 
-from .scoring import LoadedModel, encode_pair, loglikelihoods
+from .scoring import ScoringModel, encode_pair, loglikelihoods
 
 LETTERS = ("A", "B", "C", "D")
 MC_VERSION = "1.0"  # bump when the prompt, choices or metric computation change
@@ -207,7 +207,7 @@ def _mean_stderr(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def evaluate_mc(lm: LoadedModel, tasks: list[MCTask], num_fewshot: int = 0, scoring: str = "letter",
+def evaluate_mc(lm: ScoringModel, tasks: list[MCTask], num_fewshot: int = 0, scoring: str = "letter",
                 apply_chat_template: bool = False, batch_size: int = 16, limit: int | None = None,
                 progress: bool = True, fewshot_as_multiturn: bool = True) -> tuple[dict, list[dict]]:
     """Score every task; returns (results by task name + aggregate 'mmlu', per-item sample records)."""

@@ -24,7 +24,7 @@ import numpy as np
 from alignment.errors import UserError
 from alignment.tokens import encode_text
 
-from .scoring import LoadedModel, loglikelihoods
+from .scoring import ScoringModel, loglikelihoods
 
 PPL_VERSION = "1.0"
 
@@ -55,7 +55,7 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def evaluate_perplexity(lm: LoadedModel, documents: list[str], name: str = "perplexity", stride: int | None = None,
+def evaluate_perplexity(lm: ScoringModel, documents: list[str], name: str = "perplexity", stride: int | None = None,
                         batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
     """Score documents; returns (metrics dict, one sample record per document)."""
     if not documents:

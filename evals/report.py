@@ -138,3 +138,150 @@ def write_report(rep: dict, path: str | Path, samples: list[dict] | None = None)
         out["samples"] = str(p.with_suffix(".samples.jsonl"))
         atomic_write_text(out["samples"], "".join(json.dumps(_clean(s), default=str) + "\n" for s in samples))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline report
+
+# the columns a reader compares across stages: (column, task, metric, chance or parity line for the plot)
+HEADLINE_COLUMNS = (
+    ("bits/byte (held-out)", "perplexity", "bits_per_byte", None),
+    ("MC acc (chance 0.25)", "mmlu", "acc", 0.25),
+    ("answer accuracy", "answers", "answer_accuracy", None),
+    ("well-formed, ends at <|im_end|>", "answers", "well_formed_rate", None),
+    ("RM win rate vs SFT", "win_rate", "win_rate", 0.5),
+    ("KL to SFT (nats)", "win_rate", "kl", None),
+)
+
+
+def _task_result(rep: dict, task: str) -> dict | None:
+    """The result of `task` in a report: the task itself, or for mmlu the only mmlu_<subject> when there is one."""
+    res = rep.get("results", {})
+    if task in res:
+        return res[task]
+    if task == "mmlu":
+        subjects = [k for k in res if k.startswith("mmlu_")]
+        return res[subjects[0]] if len(subjects) == 1 else None
+    return None
+
+
+def headline_rows(reports: dict[str, dict]) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """Per model (name -> eval report): column -> (value, stderr) for the headline columns it measured."""
+    out = {}
+    for name, rep in reports.items():
+        cells = {}
+        for col, task, metric, _ in HEADLINE_COLUMNS:
+            r = _task_result(rep, task)
+            if r is not None and isinstance(r.get(metric), (int, float)):
+                cells[col] = (float(r[metric]), r.get(f"{metric}_stderr"))
+        out[name] = cells
+    return out
+
+
+def headline_markdown(rows: dict[str, dict]) -> list[str]:
+    """The headline table as Markdown lines: only the columns some model measured; 'mean ± stderr'."""
+    cols = [c for c, *_ in HEADLINE_COLUMNS if any(c in cells for cells in rows.values())]
+    if not cols:
+        return []
+    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+    lines = ["| model | " + " | ".join(esc(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, cells in rows.items():
+        vals = []
+        for c in cols:
+            v, se = cells.get(c, (None, None))
+            vals.append("" if v is None else f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""))
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def plot_headline(rows: dict[str, dict], path: str | Path) -> bool:
+    """One panel per headline column: a bar per model with 1.96-stderr whiskers, and the chance (MC) or parity
+    (win rate) line. Returns False when nothing was measured."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [(c, line) for c, _, _, line in HEADLINE_COLUMNS if any(c in cells for cells in rows.values())]
+    if not cols:
+        return False
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
+    for ax, (col, line) in zip(axes[0], cols):
+        names = [n for n in rows if col in rows[n]]
+        vals = [rows[n][col][0] for n in names]
+        errs = [1.96 * se if isinstance(se, (int, float)) and math.isfinite(se) else 0.0 for se in (rows[n][col][1] for n in names)]
+        ax.bar(names, vals, yerr=errs, capsize=3, color="#4C72B0")
+        if line is not None:
+            ax.axhline(line, color="gray", ls="--", lw=1)
+        ax.set_title(col, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def _short(text, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def write_pipeline_report(out_dir: str | Path, recipe: str, timings: list[dict], reports: dict[str, dict],
+                          samples: dict[str, list[dict]] | None = None, health: dict | None = None,
+                          stage_metrics: dict | None = None) -> Path:
+    """report.md (+ report.json, report_times.png, report_models.png) of a pipeline run: stage times, the headline
+    table built from the models' eval reports (the numbers `align compare` shows), a panel per headline metric,
+    the reward model's health, and a few sample answers per model (checked answers, else win-rate samples)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    lines = [f"# Report: {recipe}", "", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {t['name']} | {t['status']} | {t['seconds']:.1f} |" for t in timings]
+    lines += ["", f"Total: {sum(t['seconds'] for t in timings):.1f} s", ""]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(timings) + 1))
+    ax.barh([t["name"] for t in timings][::-1], [t["seconds"] for t in timings][::-1])
+    ax.set_xlabel("seconds")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out / "report_times.png", buf.getvalue())
+    lines += ["![stage times](report_times.png)", ""]
+    rows = headline_rows(reports)
+    table = headline_markdown(rows)
+    if table:
+        lines += ["## Models", "", "Values are mean ± one standard error, from each model's eval report "
+                  "(`align compare` shows the same numbers); the full reports are listed in report.json.", ""] + table + [""]
+        if health:
+            lines += [f"Reward model held-out pair accuracy: {health.get('eval_accuracy_before', float('nan')):.3f} before training -> "
+                      f"{health['eval_accuracy']:.3f} after ({health.get('eval_pairs')} pairs; gate {health.get('min_eval_accuracy')}).", ""]
+        if plot_headline(rows, out / "report_models.png"):
+            lines += ["![models](report_models.png)", ""]
+    for name, recs in (samples or {}).items():
+        if not recs:
+            continue
+        if "correct" in recs[0]:
+            lines += [f"### Sample answers: {name}", ""]
+            lines += [f"- Q: {s['question']} → {s['answer']!r} ({'correct' if s['correct'] else 'wrong'})" for s in recs]
+        else:
+            lines += [f"### Sample answers: {name} (sampled; reward-model score of this answer, then of the reference's)", ""]
+            for r in recs:
+                prompt = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"]
+                lines.append(f"- Q: {_short(prompt, 100)} → {_short(r['policy_response'], 160)!r} ({r['policy_reward']:+.2f} vs "
+                             f"{r['reference_reward']:+.2f})")
+        lines.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    flat = {name: {f"{c}": v for c, (v, _) in cells.items()} for name, cells in rows.items()}
+    atomic_write_json(out / "report.json", {"recipe": recipe, "stages": timings, "headline": flat,
+                                            "models": {n: rep.get("results", {}) for n, rep in reports.items()},
+                                            "stage_metrics": stage_metrics or {}})
+    return path

@@ -16,22 +16,20 @@ Three things make it faster without changing a number (beyond float rounding):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from alignment.compat import cache_layers, make_cache
 from alignment.errors import UserError
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
 
 
 @dataclass
-class LoadedModel:
+class ScoringModel:
     """A causal LM ready to score: model, tokenizer, context length and identifying hashes."""
 
     model: torch.nn.Module
@@ -41,34 +39,6 @@ class LoadedModel:
     adapter: str | None
     model_hash: str
     tokenizer_hash: str
-
-
-def content_hash(path: str | Path, patterns=("*.safetensors", "*.bin", "config.json")) -> str:
-    """SHA-256 (first 16 hex) over a model directory's weight and config files, in name order."""
-    h = hashlib.sha256()
-    d = Path(path)
-    for pat in patterns:
-        for f in sorted(d.glob(pat)):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer, model_dir: str | Path | None = None) -> str:
-    """The project's tokenizer hash (pretrain.tokenizer.tokenizer_hash of tokenizer.json) when the directory has one,
-    else SHA-256 (first 16 hex) of the vocabulary, merges and special tokens."""
-    if model_dir is not None and Path(model_dir, "tokenizer.json").is_file():
-        from pretrain.tokenizer import tokenizer_hash
-
-        return tokenizer_hash(model_dir)
-    try:
-        state = json.loads(tokenizer.backend_tokenizer.to_str())
-        payload = json.dumps({"model": state.get("model"), "added": state.get("added_tokens")}, sort_keys=True)
-    except AttributeError:  # slow tokenizer: fall back to the vocabulary
-        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def resolve_max_length(config, tokenizer) -> int:
@@ -83,46 +53,19 @@ def resolve_max_length(config, tokenizer) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def load_model(path: str, adapter: str | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
-               device: str | None = None, dtype: str = "auto", max_length: int | None = None) -> LoadedModel:
-    """Load a Hugging Face causal LM directory (optionally + LoRA adapter, 8-bit or 4-bit) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def scoring_model(path: str, adapter: str | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                  device: str | None = None, max_length: int | None = None) -> ScoringModel:
+    """Load a causal LM (local directory or hub name, optionally + LoRA adapter, 8-bit or 4-bit) for scoring, with the
+    one loader (alignment.modeling.load_model): fp32 on CPU, an adapter merged into unquantized weights."""
+    from alignment.modeling import load_model, load_tokenizer, model_hash, tokenizer_hash
 
-    d = Path(path)
-    if not (d / "config.json").is_file():
-        raise UserError(f"{path}: no config.json; expected a Hugging Face model directory")
-    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise UserError(f"{path}: no tokenizer files (tokenizer.json); expected the tokenizer saved beside the model")
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no adapter_config.json; expected a PEFT LoRA adapter directory")
     if load_in_8bit and load_in_4bit:
         raise UserError("config: choose one of load_in_8bit and load_in_4bit")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict = {}
-    if load_in_8bit or load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=torch.float32))
-        kwargs["device_map"] = {"": device}
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if device == "cpu" and dtype == "auto":
-        torch_dtype = torch.float32  # bf16/fp16 matmuls are ~25x slower on AVX2 CPUs
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        if not (load_in_8bit or load_in_4bit):
-            model = model.merge_and_unload()  # plain weights: same numbers, faster forward
-    if "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, max_length=max_length or resolve_max_length(model.config, tokenizer),
-                       path=str(path), adapter=adapter, model_hash=content_hash(path),
-                       tokenizer_hash=tokenizer_fingerprint(tokenizer, path))
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, tokenizer=tokenizer, adapter=adapter, device=device, load_in_8bit=load_in_8bit,
+                       load_in_4bit=load_in_4bit)
+    return ScoringModel(model=model, tokenizer=tokenizer, max_length=max_length or resolve_max_length(model.config, tokenizer),
+                        path=str(path), adapter=adapter, model_hash=model_hash(path), tokenizer_hash=tokenizer_hash(path))
 
 
 def _decoder_and_head(model):
@@ -168,7 +111,7 @@ def prefix_groups(inputs: list[tuple], keep: list[int] | None = None, min_prefix
 
 
 @torch.no_grad()
-def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
+def loglikelihoods(lm: ScoringModel, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
                    desc: str = "scoring", progress: bool = True, share_prefix: bool = True) -> list[tuple[float, bool, list[float]]]:
     """Score each (context ids, continuation ids): (sum log p(cont | ctx), is greedy, per-token log-probs).
 
@@ -198,8 +141,8 @@ def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], list[int]]],
     for plen, members in groups:
         kv = None
         if plen:  # the shared prefix once: its keys/values serve every member
-            kv = [(layer.keys, layer.values) for layer in
-                  body(input_ids=torch.tensor([unique[members[0]][:plen]], device=device), use_cache=True).past_key_values.layers]
+            prefix = torch.tensor([unique[members[0]][:plen]], device=device)
+            kv = cache_layers(body(input_ids=prefix, use_cache=True).past_key_values)
         order = sorted(members, key=lambda i: -len(unique[i]))  # longest first, as lm-eval: least padding
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -218,9 +161,7 @@ def loglikelihoods(lm: LoadedModel, requests: list[tuple[list[int], list[int]]],
                 continue
             kwargs = {}
             if kv is not None:
-                from transformers import DynamicCache
-
-                kwargs["past_key_values"] = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in kv])
+                kwargs["past_key_values"] = make_cache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in kv])
             hidden = body(input_ids=batch, use_cache=kv is not None, **kwargs).last_hidden_state  # (B, T, H)
             rows, cols = [], []
             for r, i in enumerate(chunk):

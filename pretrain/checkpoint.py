@@ -1,27 +1,23 @@
-"""Pretraining checkpoints: one file per step, written atomically, the last K kept.
+"""Pretraining checkpoints: one file per step, written atomically, the last K kept, loaded without running code.
 
-A checkpoint is a `torch.save`d dict:
+A checkpoint is a `torch.save`d dict of tensors and plain values only (loaded with weights_only=True):
     model       state_dict (Hugging Face parameter names)
     shape       LlamaShape fields, so the model can be rebuilt without the config
     optimizer   AdamW state_dict
     scheduler   {"name", "step", ...}: the learning rate is a pure function of the step
-    rng         RNG states, one entry per process rank
+    rng         RNG states, one entry per process rank (alignment.io.rng_state)
     data        {"samples_seen", ...}: the position in the seeded sample order
-    step, config, tokenizer_hash, metrics
+    step, identity, config, metrics
 `align export --checkpoint FILE` and `load_model_checkpoint` read only model and shape.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
-import torch
-
 from alignment.errors import UserError
+from alignment.io import atomic_torch_save, clean_stale_temps, safe_torch_load
 from pretrain.model import Llama, LlamaShape
 
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -44,18 +40,7 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep: int) -> Path:
     """Write `state` as step_NNNNNNN.pt through a temporary file and rename, then keep only the newest `keep`."""
     path = checkpoint_path(ckpt_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader (or a crash) sees the old file set or the complete new file
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(state, path)  # a reader (or a crash) sees the old file set or the complete new file
     if keep > 0:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -63,14 +48,10 @@ def save_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep: int) -> 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint dict; a missing, truncated or foreign file is a UserError naming it."""
+    """Read a checkpoint dict; a missing, truncated, foreign or code-carrying file is a UserError naming it."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: checkpoint not found")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, random bytes, pickle errors
-        raise UserError(f"{p}: corrupted or truncated checkpoint ({type(e).__name__}); delete it or resume from an older one") from None
+    clean_stale_temps(p)
+    ckpt = safe_torch_load(p, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "shape" not in ckpt:
         raise UserError(f"{p}: not a pretraining checkpoint; expected keys 'model' and 'shape'")
     return ckpt
@@ -79,7 +60,10 @@ def load_checkpoint(path: str | Path) -> dict:
 def load_model_checkpoint(path: str | Path) -> Llama:
     """A Llama from a checkpoint file holding {'model': state_dict, 'shape': LlamaShape fields, ...}."""
     ckpt = load_checkpoint(path)
-    model = Llama(LlamaShape(**ckpt["shape"]))
+    try:
+        model = Llama(LlamaShape(**ckpt["shape"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: the saved shape is not a model shape ({e})") from None
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     try:
         model.load_state_dict(state)

@@ -19,7 +19,6 @@ Documents flow through the steps below; the report counts how many each step rem
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
@@ -34,7 +33,7 @@ import numpy as np
 from alignment.config import parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_dir, check_output_dir
-from pretrain.sources import expand_paths, iter_documents
+from alignment.data import expand_paths, iter_documents, read_file_rows
 
 # C0/C1 control characters except tab and newline, plus zero-width and BOM characters that only hide text
 _CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff]")
@@ -144,32 +143,18 @@ def near_duplicates(docs: list[str], threshold: float, num_perm: int, shingle_wo
 # ---------------------------------------------------------------------------------------------- decontamination
 
 def eval_texts(patterns: list[str]) -> list[str]:
-    """Texts of evaluation files: an MMLU-style .csv row (question and choices), every string of a .jsonl row,
-    or .txt paragraphs."""
+    """Texts of evaluation files: a CSV row's cells (an MMLU-style question and choices; the answer index left out),
+    every string of a JSON-lines row, or .txt paragraphs."""
     texts: list[str] = []
-    for path in expand_paths_any(patterns):
-        name = path.name
-        if name.endswith(".csv"):
-            with open(path, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    texts.append(" ".join(v for k, v in row.items() if k != "answer" and v))
-        elif name.endswith((".jsonl", ".jsonl.gz")):
-            from pretrain.sources import _read_text
-
-            for i, line in enumerate(_read_text(path).splitlines(), start=1):
-                if line.strip():
-                    try:
-                        texts.append(" ".join(_strings(json.loads(line))))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    for path in expand_paths(patterns, suffixes=(".csv", ".jsonl", ".jsonl.gz", ".txt"), key="decontaminate_files"):
+        if path.name.endswith((".csv", ".jsonl", ".jsonl.gz")):
+            is_csv = path.name.endswith(".csv")
+            for row in read_file_rows(path):
+                data = {k: v for k, v in row.data.items() if k != "answer"} if is_csv else row.data
+                texts.append(" ".join(_strings(data)))
         else:
-            texts += list(iter_documents([str(path)], txt_split="paragraph"))
+            texts += list(iter_documents([str(path)], txt_split="paragraph", key="decontaminate_files"))
     return texts
-
-
-def expand_paths_any(patterns: list[str]) -> list[Path]:
-    """Evaluation files to decontaminate against: MMLU-style .csv plus the text formats sources.py reads."""
-    return expand_paths(patterns, suffixes=(".csv", ".jsonl", ".jsonl.gz", ".txt"), key="decontaminate_files")
 
 
 def _strings(obj) -> list[str]:
@@ -260,14 +245,14 @@ def pack_split(docs: list[str], name: str, out_dir: Path, cfg: PrepareConfig, dt
 
 def _read(cfg: PrepareConfig, files: list[str], with_hub: bool) -> list[str]:
     return list(iter_documents(files, cfg.dataset_name if with_hub else None, cfg.dataset_config, cfg.dataset_split,
-                               cfg.text_column, cfg.txt_split))
+                               cfg.text_column, cfg.txt_split, key="val_files" if not with_hub else "files"))
 
 
 def main(cfg: PrepareConfig) -> dict:
     """Run the pipeline and write the packed corpus atomically; returns the report."""
     from tqdm.auto import tqdm
 
-    from pretrain.tokenizer import tokenizer_hash
+    from alignment.tokens import tokenizer_hash
 
     t0 = time.time()
     check_output_dir(cfg.output_dir, cfg.overwrite)
@@ -354,7 +339,7 @@ def main(cfg: PrepareConfig) -> dict:
 
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
     dtype = token_dtype(len(tok))
-    with atomic_dir(cfg.output_dir, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.output_dir, cfg.overwrite, stage="prepare") as tmp:
         splits = {"train": pack_split(train_docs, "train", tmp, cfg, dtype), "val": pack_split(val_docs, "val", tmp, cfg, dtype)}
         meta = {
             "format": "packed-tokens/1",

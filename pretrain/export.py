@@ -122,7 +122,7 @@ def main(cfg: ExportConfig) -> Path:
             model = Llama(shape_from_preset(cfg.preset, len(tokenizer), **overrides))
         except ValueError as e:
             raise UserError(f"preset: {e}") from None
-    with atomic_dir(cfg.output_dir, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.output_dir, cfg.overwrite, stage="export") as tmp:
         save_hf(model, tokenizer, tmp)
         save_config(tmp, cfg)
     print(f"export: {model.num_parameters() / 1e6:.2f}M parameters ({asdict(model.shape)['num_hidden_layers']} layers) "

@@ -21,8 +21,8 @@ from pathlib import Path
 from alignment.config import parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_dir, check_output_dir
-from alignment.tokens import encode_text
-from pretrain.sources import iter_documents
+from alignment.data import iter_documents
+from alignment.tokens import encode_text, tokenizer_hash
 
 EOT, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 
@@ -154,11 +154,6 @@ def reference_sentencepiece(train_docs: list[str], vocab_size: int, workdir: Pat
     return sp.encode, None
 
 
-def tokenizer_hash(tokenizer_dir: str | Path) -> str:
-    """Content hash of tokenizer.json: identifies the tokenizer that produced shards, caches and reports."""
-    return hashlib.sha256(Path(tokenizer_dir, "tokenizer.json").read_bytes()).hexdigest()[:16]
-
-
 def main(cfg: TokenizerConfig) -> dict:
     """Train, report compression, save; returns the compression report."""
     t0 = time.time()
@@ -190,7 +185,7 @@ def main(cfg: TokenizerConfig) -> dict:
         "ours": {"kind": "byte-level BPE (tokenizers)", "bytes_per_token": round(ours, 4), "tokens": n_tok},
         "special_tokens": special_tokens(cfg.num_reserved_tokens),
     }
-    with atomic_dir(cfg.output_dir, cfg.overwrite) as tmp:
+    with atomic_dir(cfg.output_dir, cfg.overwrite, stage="tokenizer") as tmp:
         if cfg.reference == "sentencepiece" and held_lines:
             encode_ref, why = reference_sentencepiece(train_docs, cfg.vocab_size, tmp)
             if encode_ref:

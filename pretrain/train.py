@@ -21,8 +21,6 @@ import contextlib
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignment.config import config_dict, parse_config, save_config
+from alignment.config import config_dict, fingerprint_config, parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
-from alignment.io import atomic_dir, atomic_write_text, check_output_dir
+from alignment.io import StageRun, atomic_dir, atomic_write_text, check_output_dir, rng_state, set_rng_state
 from pretrain.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from pretrain.model import PRESETS, Llama, LlamaShape, shape_from_preset
 
@@ -59,7 +57,8 @@ class PretrainConfig:
     batch_size: int = field(default=16, metadata={"help": "Sequences per micro-batch per process."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps (the cosine schedule ends here)."})
-    max_minutes: float = field(default=0.0, metadata={"help": "Stop early after this much wall time (0 = no limit)."})
+    max_minutes: float = field(default=0.0, metadata={"help": "Stop early after this much wall time (0 = no limit; a time budget "
+                                                      "makes the run depend on the machine's speed, so no recipe sets it)."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate as a fraction of lr."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warmup steps."})
@@ -69,7 +68,7 @@ class PretrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = off)."})
     eval_interval: int = field(default=100, metadata={"help": "Steps between val loss / bits-per-byte evaluations and samples (0 = only at the end)."})
     eval_batches: int = field(default=10, metadata={"help": "Val micro-batches per evaluation (spread over the val split)."})
-    num_samples: int = field(default=2, metadata={"help": "Continuations sampled at each evaluation."})
+    num_samples: int = field(default=2, metadata={"help": "Continuations sampled at each evaluation.", "range": (0, None, True, True, ())})
     sample_tokens: int = field(default=48, metadata={"help": "Tokens per sampled continuation."})
     sample_prompt: str = field(default="", metadata={"help": "Prompt of the samples (empty = start of a document)."})
     save_interval: int = field(default=200, metadata={"help": "Steps between checkpoints (0 = only at the end)."})
@@ -82,9 +81,10 @@ class PretrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "Shard parameters, gradients and optimizer state with FSDP2 (under torchrun)."})
     peak_tflops: float = field(default=0.0, metadata={"help": "Peak TFLOP/s for the MFU estimate (0 = known GPU table, or a measured matmul on CPU)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Also log to: tensorboard, wandb."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir/ckpt."})
+    resume: bool = field(default=False, metadata={"help": "Continue a finished run from the newest checkpoint in output_dir/ckpt "
+                                                  "(e.g. with a larger max_steps). A killed run resumes by itself."})
     resume_from: str | None = field(default=None, metadata={"help": "Continue from this checkpoint file."})
-    overwrite: bool = field(default=False, metadata={"help": "Start over in an output_dir that has checkpoints; replace export_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir and export_dir (ones the suite wrote)."})
 
 
 # config keys a resumed run must share with its checkpoint: they decide the model, the data order and the batches
@@ -252,21 +252,6 @@ def load_full_state(raw: Llama, optimizer, ckpt: dict, cfg: PretrainConfig) -> N
     set_optimizer_state_dict(raw, optimizer, ckpt["optimizer"], options=opts)
 
 
-def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    """Restore what rng_state returned."""
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -312,51 +297,6 @@ def sample_text(model: Llama, tokenizer, cfg: PretrainConfig, step: int, device,
 
 
 # ---------------------------------------------------------------------------------------------- logging
-
-class Loggers:
-    """metrics.jsonl always; tensorboard and wandb when report_to asks (rank 0 only)."""
-
-    def __init__(self, cfg: PretrainConfig, active: bool, resume_step: int):
-        self.active, self.path = active, Path(cfg.output_dir) / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if not active:
-            return
-        if self.path.exists():  # drop entries past the checkpoint we resume from (a killed run may have logged more)
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-        for name in cfg.report_to:
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
-            elif name == "wandb":
-                try:
-                    import wandb
-                except ImportError:
-                    raise UserError("report_to: wandb is not installed (pip install wandb)") from None
-                self.wandb = wandb.init(project="align-pretrain", config=config_dict(cfg), dir=cfg.output_dir)
-            elif name != "none":
-                raise UserError(f"report_to: unknown logger {name!r}; expected tensorboard or wandb")
-
-    def log(self, step: int, **metrics) -> None:
-        """Append one line of metrics for `step` (and forward it to tensorboard/wandb)."""
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if self.tb is not None:
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        """Flush and close the optional loggers."""
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
     """Train and val loss (and val bits-per-byte) against step, as a PNG."""
@@ -409,17 +349,19 @@ def check_config(cfg: PretrainConfig) -> None:
         raise UserError(f"device: {cfg.device!r}; expected auto, cpu or cuda")
 
 
-def find_resume(cfg: PretrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (refusing to silently overwrite an old run)."""
-    ckpts = list_checkpoints(Path(cfg.output_dir) / "ckpt")
+def find_resume(cfg: PretrainConfig, work: Path, resumed: bool) -> Path | None:
+    """The checkpoint to continue from: --resume_from; a killed run's newest in the work directory; with --resume,
+    the finished run's newest; else None (a fresh run)."""
     if cfg.resume_from:
         return Path(cfg.resume_from)
+    in_work = list_checkpoints(work / "ckpt")
+    if resumed and in_work:
+        return in_work[-1]
     if cfg.resume:
-        if not ckpts:
+        done = list_checkpoints(Path(cfg.output_dir) / "ckpt")
+        if not done:
             raise UserError(f"resume: no checkpoint in {Path(cfg.output_dir) / 'ckpt'}; expected one from an earlier run")
-        return ckpts[-1]
-    if ckpts and not cfg.overwrite:
-        raise UserError(f"output_dir: {cfg.output_dir} already has checkpoints; pass --resume true to continue or --overwrite true to start over")
+        return done[-1]
     return None
 
 
@@ -428,13 +370,15 @@ def main(cfg: PretrainConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from pretrain.tokenizer import tokenizer_hash
+    from alignment.tokens import tokenizer_hash
+    from alignment.tracking import Trackers, check_report_to
 
     t_start = time.time()
     for name in ("export_dir", "resume_from"):  # `--export_dir none` on the command line means no value
         if getattr(cfg, name) is not None and getattr(cfg, name).strip().lower() in ("", "none", "null"):
             setattr(cfg, name, None)
     check_config(cfg)
+    check_report_to(cfg.report_to)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
 
@@ -460,8 +404,14 @@ def main(cfg: PretrainConfig) -> dict:
     identity = {"seq_len": cfg.seq_len, "seed": cfg.seed, "global_batch": global_batch, "tokenizer_hash": tok_hash,
                 "train_tokens": meta["splits"]["train"]["tokens"]}
 
-    # resume or start over; nothing is written before these checks pass
-    resume_path = find_resume(cfg)
+    # resume or start over; nothing is written before these checks pass. The run works in a partial sibling of
+    # output_dir (a killed run with the same config resumes there) and replaces output_dir only when it has finished.
+    if cfg.resume_from:
+        load_checkpoint(cfg.resume_from)
+    if cfg.export_dir:
+        check_output_dir(cfg.export_dir, cfg.overwrite or cfg.resume)
+    run = StageRun(cfg.output_dir, cfg.overwrite or cfg.resume, fingerprint_config(cfg), [cfg.data_dir, cfg.tokenizer], "pretrain")
+    resume_path = find_resume(cfg, run.work, run.matching_partial())
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is not None:
         saved = {**ckpt.get("identity", {}), "shape": ckpt["shape"]}
@@ -471,15 +421,20 @@ def main(cfg: PretrainConfig) -> dict:
             k = diff[0]
             raise UserError(f"resume: {resume_path} was made with {k}={saved.get(k)} but the config gives {k}={now[k]}; "
                             "expected the same model, data, seq_len, seed and global batch (batch_size * grad_accum * processes)")
-    if cfg.export_dir:
-        check_output_dir(cfg.export_dir, cfg.overwrite or ckpt is not None)
-    out = Path(cfg.output_dir)
+    history: list[dict] = []
+    if ckpt is not None:  # the metric lines up to the checkpoint's step (a killed run may have logged more)
+        old = Path(resume_path).parent.parent / "metrics.jsonl"
+        if old.is_file():
+            history = [json.loads(ln) for ln in old.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= ckpt["step"]]
+    if world > 1:  # every rank has read the same state before rank 0 sets up the work directory
+        torch.distributed.barrier()
+    out = run.start() if master else run.work
+    if world > 1:
+        torch.distributed.barrier()
     if master:
-        if ckpt is None and cfg.overwrite:
-            shutil.rmtree(out / "ckpt", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(out, cfg)
+        save_config(out, cfg, overrides={"output_dir": cfg.output_dir})
+        if ckpt is not None and resume_path.parent != out / "ckpt":  # continuing a finished run: its checkpoint comes along
+            save_checkpoint(ckpt, out / "ckpt", ckpt["step"], cfg.keep_checkpoints)
 
     # model and optimizer
     torch.manual_seed(cfg.seed)
@@ -498,7 +453,7 @@ def main(cfg: PretrainConfig) -> dict:
     tbytes = token_bytes(tokenizer)
     flops_per_step = raw.flops_per_token(cfg.seq_len) * global_batch * cfg.seq_len
     peak = peak_flops(cfg, device, torch.bfloat16 if use_bf16 else torch.float32)
-    logs = Loggers(cfg, master, step)
+    logs = Trackers(out, cfg.report_to, "align-pretrain", config_dict(cfg), history=history, active=master)
     say = tqdm.write if master else (lambda *a, **k: None)
     if master:
         say(f"pretrain: {raw.num_parameters() / 1e6:.2f}M parameters ({raw.num_parameters(True) / 1e6:.2f}M non-embedding), "
@@ -524,7 +479,7 @@ def main(cfg: PretrainConfig) -> dict:
             torch.distributed.barrier()
         return path
 
-    last_good = list_checkpoints(out / "ckpt")[-1] if ckpt is not None else None
+    last_good = resume_path
     last: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
     t_log, tokens_since = time.time(), 0
@@ -565,7 +520,7 @@ def main(cfg: PretrainConfig) -> dict:
             dt = time.time() - t_log
             tps = tokens_since / dt
             mfu = flops_per_step * (tokens_since / (global_batch * cfg.seq_len)) / dt / peak
-            logs.log(step, loss=loss_val, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tps, mfu=mfu)
+            logs.log({"loss": loss_val, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu}, step)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
             t_log, tokens_since = time.time(), 0
         if cfg.max_minutes > 0:
@@ -575,7 +530,7 @@ def main(cfg: PretrainConfig) -> dict:
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or at_end:
             ev = evaluate(eval_model, val, tbytes, cfg, rank, world, device, autocast)
             last.update(ev)
-            logs.log(step, **ev)
+            logs.log(ev, step)
             say(f"step {step}: train loss {loss_val:.4f}, val loss {ev['val_loss']:.4f}, val bpb {ev['val_bpb']:.4f}")
             if cfg.num_samples:
                 for s in sample_text(raw if not cfg.fsdp else eval_model, tokenizer, cfg, step, device, autocast):
@@ -595,14 +550,15 @@ def main(cfg: PretrainConfig) -> dict:
             export = raw if not cfg.fsdp else Llama(shape)
             if cfg.fsdp:
                 export.load_state_dict(model_sd)
-            with atomic_dir(cfg.export_dir, overwrite=True) as tmp:
+            with atomic_dir(cfg.export_dir, overwrite=True, stage="pretrain") as tmp:
                 save_hf(export.cpu() if cfg.fsdp else export, tokenizer, tmp)
                 save_config(tmp, cfg)
         summary = {"steps": step, "tokens": step * global_batch * cfg.seq_len, "seconds": round(time.time() - t_start, 1), **last}
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        run.commit()
         print(f"pretrain: {step} steps, {summary['tokens']:,} tokens in {summary['seconds']}s; final train loss "
               f"{last.get('loss', float('nan')):.4f}, val loss {last.get('val_loss', float('nan')):.4f}, val bits/byte "
-              f"{last.get('val_bpb', float('nan')):.4f}; curve {out / 'loss_curve.png'}"
+              f"{last.get('val_bpb', float('nan')):.4f}; curve {Path(cfg.output_dir) / 'loss_curve.png'}"
               + (f"; model {cfg.export_dir}" if cfg.export_dir else ""), file=sys.stdout)
     else:
         summary = {"steps": step, **last}

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.compat import DPOTrainer
-from alignment.config import parse_config, save_config
+from alignment.config import fingerprint_config, parse_stage_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 
 
@@ -36,7 +35,8 @@ class DPOScriptArguments:
 
     train_data: list[str] = field(default_factory=list, metadata={"help": "Preference sources PATH_OR_HUB_NAME[@WEIGHT]."})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Held-out preference sources (else eval_fraction of train_data)."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of train_data held out when eval_data is empty."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of train_data held out when eval_data is empty.",
+                                                        "range": (0, 1, True, False, ())})
     dataset_split: str = field(default="train", metadata={"help": "Split read from hub datasets in train_data."})
     eval_split: str = field(default="test", metadata={"help": "Split read from hub datasets in eval_data."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
@@ -45,7 +45,7 @@ class DPOScriptArguments:
     too_long: str = field(default="truncate", metadata={"help": "Pairs over max_length: 'truncate' (keep the prompt's end), 'drop' or 'error'."})
     chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja chat template replacing the model's (DPOConfig has no such key)."})
     ref_cache_dir: str = field(default="runs/cache/dpo_ref_logps", metadata={"help": "Directory of cached reference log-probs (shared by runs)."})
-    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a finished stage."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
 
 class RefLogpCache:
@@ -65,11 +65,15 @@ class RefLogpCache:
         return self.dir / f"{name}-{data_fingerprint}-{self._key}.pt"
 
     def load(self, name: str, data_fingerprint: str):
-        """(chosen, rejected) tensors, or None when not cached."""
+        """(chosen, rejected) tensors, or None when not cached (counted as a hit or a miss)."""
+        from alignment.io import safe_torch_load
+
         p = self.path(name, data_fingerprint)
         if not p.is_file():
+            self.misses.append(name)
             return None
-        blob = torch.load(p, weights_only=True)
+        blob = safe_torch_load(p, "reference log-prob cache")
+        self.hits.append(name)
         return blob["ref_chosen_logps"], blob["ref_rejected_logps"]
 
     def save(self, name: str, data_fingerprint: str, chosen, rejected) -> Path:
@@ -81,33 +85,6 @@ class RefLogpCache:
                     "key": json.dumps({**self.key_parts, "data": data_fingerprint, "split": name})}, buf)
         atomic_write_bytes(self.path(name, data_fingerprint), buf.getvalue())
         return self.path(name, data_fingerprint)
-
-
-class CachedRefDPOTrainer(DPOTrainer):
-    """DPOTrainer for rows we already tokenized (special-token safe), with reference log-probs from a disk cache.
-
-    Two small overrides: `_prepare_dataset` keeps our token ids (TRL 1.16 would re-render text with the tokenizer,
-    turning a literal "<|im_end|>" in the data into the control token), and `_precompute_ref_logps` reads / writes
-    `RefLogpCache` around TRL's own computation (TRL's cache keys in-memory datasets by a random fingerprint)."""
-
-    def __init__(self, *args, ref_cache: RefLogpCache, data_fingerprints: dict[str, str], **kwargs):
-        self.ref_cache = ref_cache
-        self.data_fingerprints = data_fingerprints
-        super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        fp = self.data_fingerprints[name]
-        cached = self.ref_cache.load(name, fp)
-        if cached is not None and len(cached[0]) == len(dataset):
-            self.ref_cache.hits.append(name)
-            return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
-        self.ref_cache.misses.append(name)
-        out = super()._precompute_ref_logps(dataset, name, batch_size)
-        self.ref_cache.save(name, fp, out["ref_chosen_logps"], out["ref_rejected_logps"])
-        return out
 
 
 @torch.no_grad()
@@ -137,14 +114,15 @@ def completion_logps(model, rows, pad_token_id: int, batch_size: int = 16) -> tu
 
 
 def main(cfg) -> dict:
-    """Load pairs and model, fetch or compute reference log-probs, train with DPOTrainer (resuming), save."""
+    """Read and check pairs and model, fetch or compute reference log-probs, train with DPOTrainer (resuming a killed
+    run), save."""
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import modeling
-    from alignment.compat import DPO_LOSS_TYPES
-    from alignment.config import cpu_fallback
-    from alignment.data import fingerprint, split_holdout
-    from recipes.reward import load_pairs
+    from alignment.compat import DPO_LOSS_TYPES, PretokenizedDPOTrainer
+    from alignment.data import fingerprint, load_preference_pairs, parse_source, split_holdout, tokenize_preference
+    from alignment.io import StageRun, atomic_write_json
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -157,17 +135,17 @@ def main(cfg) -> dict:
             raise UserError(f"loss_type: {lt!r} is not a TRL DPO loss; expected one of {', '.join(DPO_LOSS_TYPES)}")
     if args.sync_ref_model:
         raise UserError("sync_ref_model: not supported here; the reference is fixed so its log-probs can be cached")
-    cpu_fallback(args)
+    cache_dir = Path(script.ref_cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"ref_cache_dir: {cache_dir} exists and is not a directory; expected a directory for cached log-probs")
     modeling.check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
+    output_dir = args.output_dir
 
     # data: pairs -> prompt / chosen / rejected token ids (special-token safe), and a held-out split
-    from alignment.data import tokenize_preference
-
     tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, script.chat_template_path)
-    pairs, wheres = load_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
+    pairs, wheres = load_preference_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
-        eval_pairs, eval_wheres = load_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
+        eval_pairs, eval_wheres = load_preference_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
     else:
         train_part, eval_part = split_holdout(list(zip(pairs, wheres)), script.eval_fraction, args.seed)
         pairs, wheres = [p for p, _ in train_part], [w for _, w in train_part]
@@ -190,21 +168,30 @@ def main(cfg) -> dict:
                          truncation_mode=args.truncation_mode)
     fingerprints = {"train": fingerprint(train_rows), "eval": fingerprint(eval_rows)}
 
-    model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, args.gradient_checkpointing)
+    # output: every input checked; work in the partial sibling, resume it when the same run was killed
+    inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "dpo")
+    args.output_dir = str(run.start())
+    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
+    if checkpoint:
+        print(f"dpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+
+    model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,
+                                gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
         model = modeling.add_lora(model, model_args, "CAUSAL_LM")
     trainable, total = modeling.count_parameters(model)
     before = modeling.trainable_snapshot(model)
 
-    trainer = CachedRefDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                                  eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                                  processing_class=tokenizer, ref_cache=cache, data_fingerprints=fingerprints)
+    trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                                     eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                                     processing_class=tokenizer, ref_cache=cache, data_fingerprints=fingerprints)
     modeling.adapters_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
 
     # preference accuracy on held-out pairs: reference (= before training) vs. trained policy
-    acc_before = acc_after = None
+    acc_before = acc_after = implicit = None
     if eval_rows:
         ref_c, ref_r = torch.tensor(trainer.eval_dataset["ref_chosen_logps"]), torch.tensor(trainer.eval_dataset["ref_rejected_logps"])
         pol_c, pol_r = completion_logps(trainer.model, eval_rows, tokenizer.pad_token_id, args.per_device_eval_batch_size)
@@ -212,33 +199,34 @@ def main(cfg) -> dict:
         acc_after = (pol_c > pol_r).float().mean().item()
         implicit = ((pol_c - ref_c) > (pol_r - ref_r)).float().mean().item()
 
-    paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
-    save_config(args.output_dir, script, args, model_args)
+    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
         "train_loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint, "train_pairs": len(train_rows),
         "eval_pairs": len(eval_rows), "loss_type": list(args.loss_type), "beta": args.beta,
         "eval_preference_accuracy_before": acc_before, "eval_preference_accuracy_after": acc_after,
-        "eval_implicit_reward_accuracy": implicit if eval_rows else None,
-        "ref_cache_hits": list(cache.hits), "ref_cache_misses": list(cache.misses),
+        "eval_implicit_reward_accuracy": implicit, "ref_cache_hits": list(cache.hits), "ref_cache_misses": list(cache.misses),
         "trainable_params": trainable, "total_params": total, "changed_tensors": changed, "trainable_tensors": n_tensors,
-        "merged": str(paths["merged"]), "adapter": str(paths["adapter"]) if paths["adapter"] else None,
-        "seconds": time.time() - t0,
+        "merged": f"{output_dir}/merged", "adapter": f"{output_dir}/adapter" if model_args.use_peft else None,
+        "seconds": round(time.time() - t0, 1),
     }
+    atomic_write_json(f"{args.output_dir}/summary.json", summary)
+    run.commit()
     acc_txt = (f"; held-out preference accuracy {acc_before:.3f} -> {acc_after:.3f} on {len(eval_rows)} pairs "
                f"(implicit reward accuracy {implicit:.3f})") if eval_rows else ""
     ref_txt = f"reference log-probs {'cached' if cache.hits and not cache.misses else 'computed'}"
     print(f"dpo ({'+'.join(args.loss_type)}, beta {args.beta}): {result.global_step} steps on {len(train_rows)} pairs, "
           f"train loss {result.training_loss:.4f}{acc_txt}; {ref_txt}; {changed}/{n_tensors} tensors changed; "
-          f"merged -> {paths['merged']} in {summary['seconds']:.0f}s", file=sys.stderr)
+          f"merged -> {output_dir}/merged in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary
 
 
 @exit_on_user_error
 def cli(argv=None) -> dict:
     """`align dpo --config FILE.yaml [--key value ...]`."""
-    from alignment.compat import DPOConfig, ModelConfig, cpu_overrides
+    from alignment.compat import DPOConfig, ModelConfig
 
-    return main(parse_config([DPOScriptArguments, DPOConfig, ModelConfig], cpu_overrides(argv)))
+    return main(parse_stage_config(DPOScriptArguments, DPOConfig, ModelConfig, argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ summary.json and config.yaml.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -45,17 +44,18 @@ class PairsConfig:
     output_dir: str = field(default="", metadata={"help": "Directory for pairs.jsonl, samples.jsonl and summary.json."})
     reward_model: str | None = field(default=None, metadata={"help": "A reward model directory (sequence classifier) that scores answers."})
     checker: str = field(default="none", metadata={"help": f"Ground-truth check ranked before the reward: one of {', '.join(CHECKERS)}."})
-    num_samples: int = field(default=8, metadata={"help": "Answers sampled per prompt."})
+    num_samples: int = field(default=8, metadata={"help": "Answers sampled per prompt.", "range": (2, None, True, True, ())})
     pairs_per_prompt: int = field(default=1, metadata={"help": "Pairs per prompt: the k-th best against the k-th worst, k = 1..this."})
     min_margin: float = field(default=0.0, metadata={"help": "Keep a pair only when its scores differ by more than this."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0: pairs need varied samples).",
+                                                      "range": (0, None, False, True, ())})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest answer in tokens."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
     batch_size: int = field(default=16, metadata={"help": "Reward model batch size."})
-    cpu_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)."})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Sampling seed: the same seed gives the same pairs."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
 
 def _check_cfg(cfg: PairsConfig) -> None:
@@ -74,17 +74,17 @@ def _check_cfg(cfg: PairsConfig) -> None:
         raise UserError(f"temperature: {cfg.temperature}; expected a number above 0 (pairs need varied samples)")
 
 
-def read_prompt_rows(path: str, checker: str, limit: int | None) -> list[dict]:
+def read_checked_prompts(path: str, checker: str, limit: int | None) -> list[dict]:
     """Prompt rows, validated; with a checker each row must carry the fields the checker reads."""
-    from alignment.data import read_prompt_rows as read_rows
+    from alignment.data import read_prompt_rows
 
-    rows = read_rows(path, limit)
+    rows = read_prompt_rows(path, limit)
     if checker == "tinyworld":
-        for i, r in rows:
-            missing = [k for k in ("answer", "kind") if k not in r]
+        for r in rows:
+            missing = [k for k in ("answer", "kind") if k not in r.data]
             if missing:
-                raise UserError(f"{path}:{i}: checker tinyworld needs {', '.join(missing)}; expected rows like alignment/tinyworld.py's rl/prompts.jsonl")
-    return [r for _, r in rows]
+                raise UserError(f"{r.where}: checker tinyworld needs {', '.join(missing)}; expected rows like alignment/tinyworld.py's rl/prompts.jsonl")
+    return [r.data for r in rows]
 
 
 def pick_pairs(scores: list[tuple], k: int, min_margin: float) -> list[tuple[int, int]]:
@@ -107,28 +107,39 @@ def pick_pairs(scores: list[tuple], k: int, min_margin: float) -> list[tuple[int
 
 def main(cfg: PairsConfig) -> dict:
     """Sample num_samples answers per prompt, score them, write best-vs-worst pairs; returns the summary."""
+    from alignment.modeling import check_model_dir, load_model, load_tokenizer, same_tokenizer
+    from alignment.rewards import RewardModel
+    from alignment.sampling import SamplingParams, generate
     from alignment.tinyworld import check
-    from evals.preference import load_reward_model, response_rewards, sample_responses
-    from evals.scoring import load_model
+    from alignment.tokens import encode_prompt
 
     t0 = time.time()
     _check_cfg(cfg)
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    check_model_dir(cfg.model_name_or_path, "model_name_or_path")
+    if cfg.reward_model:
+        check_model_dir(cfg.reward_model, "reward_model")
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    rows = read_prompt_rows(cfg.prompts_file, cfg.checker, cfg.max_prompts)
-    lm = load_model(cfg.model_name_or_path)
-    rm = load_reward_model(cfg.reward_model) if cfg.reward_model else None
+    rows = read_checked_prompts(cfg.prompts_file, cfg.checker, cfg.max_prompts)
+    tok = load_tokenizer(cfg.model_name_or_path)
+    if cfg.reward_model and not same_tokenizer(tok, load_tokenizer(cfg.reward_model)):
+        raise UserError(f"reward_model: {cfg.reward_model}: its tokenizer differs from the policy's; expected the same tokenizer")
+    model = load_model(cfg.model_name_or_path, tokenizer=tok)
+    rm = RewardModel(cfg.reward_model, batch_size=cfg.batch_size) if cfg.reward_model else None
 
-    # num_samples answers per prompt, seeded per (prompt, sample): the same seed gives the same pairs
-    samples = sample_responses(lm, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                               num_samples=cfg.num_samples)
-    texts = [[s["response"] for s in samples[i * cfg.num_samples:(i + 1) * cfg.num_samples]] for i in range(len(rows))]
+    # num_samples answers per prompt, seeded per prompt: the same seed gives the same pairs
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            num_return_sequences=cfg.num_samples, seed=cfg.seed)
+    prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows]
+    context = model.config.max_position_embeddings
+    samples = generate(model, tok, [p[-(context - cfg.max_new_tokens):] for p in prompt_ids], params, seed_per_prompt=True,
+                       progress=True, desc="sampling")
+    texts = [[c.text for c in group] for group in samples]
 
     rewards = [[0.0] * cfg.num_samples for _ in rows]
     if rm is not None:
-        flat = response_rewards(*rm, [r["prompt"] for r in rows for _ in range(cfg.num_samples)], [t for g in texts for t in g],
-                                cfg.batch_size)
+        flat = rm.score([r["prompt"] for r in rows for _ in range(cfg.num_samples)], [t for g in texts for t in g]).tolist()
         rewards = [flat[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(rows))]
     correct = [[check(r, t) for t in group] if cfg.checker == "tinyworld" else [False] * len(group) for r, group in zip(rows, texts)]
 

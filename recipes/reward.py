@@ -6,10 +6,12 @@
 The model is `AutoModelForSequenceClassification` with one output and `pad_token_id` set, so the score is read at
 the last real token whatever the padding side. Pairs (hh-rlhf dialogues, prompt/chosen/rejected text or
 conversations) are tokenized here with the chat template (special-token safe) and handed to TRL as
-`chosen_ids` / `rejected_ids`.
+`chosen_ids` / `rejected_ids`, each ending at its end-of-turn token: the position the score is read at. A pair whose
+reply was cut by max_length before its end of turn is dropped and counted (its score would be read mid-reply).
 
-Health gates before the stage counts as done: held-out pairwise accuracy must reach `min_eval_accuracy`, else the
-stage fails and writes no merged/ model. The reward mean and std over the training set go into
+Health gates before the stage counts as done: held-out pairwise accuracy must reach `min_eval_accuracy` AND beat the
+untrained model's by `min_eval_improvement` (an untrained head can score high by chance on easy pairs), else the
+stage fails and the previous output is left as it was. The reward mean and std over the training set go into
 `<output_dir>/merged/reward_stats.json` for PPO to normalize rewards with.
 """
 
@@ -19,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from alignment.config import parse_config, save_config
+from alignment.config import fingerprint_config, parse_stage_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 
 
@@ -29,29 +31,26 @@ class RewardScriptArguments:
 
     train_data: list[str] = field(default_factory=list, metadata={"help": "Preference sources PATH_OR_HUB_NAME[@WEIGHT]."})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Held-out preference sources (else eval_fraction of train_data)."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of train_data held out when eval_data is empty."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of train_data held out when eval_data is empty.",
+                                                        "range": (0, 1, True, False, ())})
     dataset_split: str = field(default="train", metadata={"help": "Split read from hub datasets in train_data."})
     eval_split: str = field(default="test", metadata={"help": "Split read from hub datasets in eval_data."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out pairs."})
     invalid_rows: str = field(default="error", metadata={"help": "A row that does not fit: 'error' (stop, naming it) or 'skip' (count)."})
     too_long: str = field(default="truncate", metadata={"help": "Pairs over max_length: 'truncate' (keep the prompt's end), 'drop' or 'error'."})
-    min_eval_accuracy: float = field(default=0.5, metadata={"help": "Health gate: held-out pairwise accuracy must be >= this."})
+    min_eval_accuracy: float = field(default=0.5, metadata={"help": "Health gate: held-out pairwise accuracy must be >= this.",
+                                                            "range": (0, 1, True, True, ())})
+    min_eval_improvement: float = field(default=0.0, metadata={"help": "Health gate: held-out accuracy must exceed the untrained "
+                                                               "model's by more than this (0 = any improvement; -1 = off).",
+                                                               "range": (-1, 1, True, True, ())})
     score_batch_size: int = field(default=16, metadata={"help": "Batch size for held-out accuracy and reward statistics."})
-    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a finished stage."})
-
-
-def load_pairs(specs, split, seed, invalid_rows, label):
-    """Rows of a mixture -> validated conversational preference pairs and their places."""
-    from alignment.data import convert_rows, load_mixture, preference_pair
-
-    rows = load_mixture(specs, split=split, seed=seed)
-    kept = convert_rows(rows, lambda r: (preference_pair(r), r.where), invalid_rows, label)
-    return [p for p, _ in kept], [w for _, w in kept]
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
 
 def to_reward_rows(tokenizer, pairs, wheres, max_length, too_long, label):
-    """Tokenized pairs as TRL reward rows: full sequences `chosen_ids` / `rejected_ids` (prompt + reply)."""
+    """Tokenized pairs as TRL reward rows: full sequences `chosen_ids` / `rejected_ids` (prompt + reply), each ending
+    at the end-of-turn token; pairs cut before it are dropped and counted."""
     from alignment.data import tokenize_preference
 
     rows = tokenize_preference(tokenizer, pairs, max_length, too_long, label, wheres)
@@ -60,6 +59,15 @@ def to_reward_rows(tokenizer, pairs, wheres, max_length, too_long, label):
     if any(pad in r["chosen_ids"] or pad in r["rejected_ids"] for r in out):
         # the model finds the last real token as the last non-pad id; a pad id inside a sequence would move it
         raise UserError(f"{label}: the pad token {tokenizer.pad_token!r} occurs inside sequences; expected a dedicated pad token")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        kept = [r for r in out if r["chosen_ids"][-1] == end and r["rejected_ids"][-1] == end]
+        if len(kept) < len(out):
+            print(f"{label}: dropped {len(out) - len(kept)} of {len(out)} pairs whose reply was cut before <|im_end|> by "
+                  f"max_length={max_length} (the score is read at the end of turn)", file=sys.stderr)
+        if not kept:
+            raise UserError(f"{label}: every pair was cut before its end of turn by max_length={max_length}; expected a larger max_length")
+        out = kept
     return out
 
 
@@ -73,15 +81,16 @@ def pairwise_accuracy(model, rows, pad_token_id, batch_size) -> tuple[float, lis
 
 
 def main(cfg) -> dict:
-    """Load pairs and model, train with RewardTrainer (resuming), gate on held-out accuracy, save with reward stats."""
+    """Read and check pairs and model, train with RewardTrainer (resuming a killed run), gate on held-out accuracy,
+    save with reward stats."""
     import torch
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import modeling
     from alignment.compat import RewardTrainer
-    from alignment.config import cpu_fallback
-    from alignment.data import split_holdout
-    from alignment.io import atomic_write_json
+    from alignment.data import load_preference_pairs, parse_source, split_holdout
+    from alignment.io import StageRun, atomic_write_json
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -89,15 +98,14 @@ def main(cfg) -> dict:
         raise UserError("train_data: expected at least one preference data source")
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path: expected the input model directory (e.g. runs/tiny/sft/merged)")
-    cpu_fallback(args)
     modeling.check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
+    output_dir = args.output_dir
 
     # data: pairs -> (prompt + reply) token ids, special-token safe; a held-out split for the health gate
     tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
-    pairs, wheres = load_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
+    pairs, wheres = load_preference_pairs(script.train_data, script.dataset_split, args.seed, script.invalid_rows, "train_data")
     if script.eval_data:
-        eval_pairs, eval_wheres = load_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
+        eval_pairs, eval_wheres = load_preference_pairs(script.eval_data, script.eval_split, args.seed, script.invalid_rows, "eval_data")
     else:
         train_part, eval_part = split_holdout(list(zip(pairs, wheres)), script.eval_fraction, args.seed)
         pairs, wheres = [p for p, _ in train_part], [w for _, w in train_part]
@@ -111,8 +119,17 @@ def main(cfg) -> dict:
     train_rows = to_reward_rows(tokenizer, pairs, wheres, args.max_length, script.too_long, "train_data")
     eval_rows = to_reward_rows(tokenizer, eval_pairs, eval_wheres, args.max_length, script.too_long, "eval_data")
 
+    # output: every input checked; work in the partial sibling, resume it when the same run was killed
+    inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "reward")
+    args.output_dir = str(run.start())
+    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
+    if checkpoint:
+        print(f"reward: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+
     # model: 1-output sequence classifier on the input LM (the `score` head starts random and is always trained)
-    model = modeling.load_model(model_args.model_name_or_path, model_args, "reward", tokenizer, args.gradient_checkpointing)
+    model = modeling.load_model(model_args.model_name_or_path, model_args, "reward", tokenizer, training=True,
+                                gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
         model = modeling.add_lora(model, model_args, "SEQ_CLS")
     trainable, total = modeling.count_parameters(model)
@@ -125,42 +142,48 @@ def main(cfg) -> dict:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
 
-    # health gate: a reward model that cannot rank held-out pairs would only teach PPO noise
-    acc, eval_chosen, eval_rejected = pairwise_accuracy(trainer.model, eval_rows, tokenizer.pad_token_id, script.score_batch_size)
+    # health gates: a reward model that cannot rank held-out pairs, or no better than untrained, only teaches PPO noise
+    acc, _, _ = pairwise_accuracy(trainer.model, eval_rows, tokenizer.pad_token_id, script.score_batch_size)
+    improved = script.min_eval_improvement < 0 or acc > acc_before + script.min_eval_improvement
     health = {"eval_accuracy": acc, "eval_accuracy_before": acc_before, "eval_pairs": len(eval_rows),
-              "min_eval_accuracy": script.min_eval_accuracy, "passed": acc >= script.min_eval_accuracy}
+              "min_eval_accuracy": script.min_eval_accuracy, "min_eval_improvement": script.min_eval_improvement,
+              "passed": acc >= script.min_eval_accuracy and improved}
     atomic_write_json(f"{args.output_dir}/health.json", health)
     if not health["passed"]:
-        raise UserError(f"reward health gate: held-out pairwise accuracy {acc:.3f} on {len(eval_rows)} pairs < "
-                        f"min_eval_accuracy {script.min_eval_accuracy}; no merged/ model written (train longer or check the data)")
+        why = (f"< min_eval_accuracy {script.min_eval_accuracy}" if acc < script.min_eval_accuracy else
+               f"is not above the untrained model's {acc_before:.3f} + min_eval_improvement {script.min_eval_improvement}")
+        raise UserError(f"reward health gate: held-out pairwise accuracy {acc:.3f} on {len(eval_rows)} pairs {why}; "
+                        f"{output_dir} left as it was (train longer or check the data; this run's checkpoints stay in {args.output_dir})")
 
     # normalization statistics for PPO: rewards of every training sequence (chosen and rejected)
     _, train_chosen, train_rejected = pairwise_accuracy(trainer.model, train_rows, tokenizer.pad_token_id, script.score_batch_size)
     scores = torch.tensor(train_chosen + train_rejected)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0, "n": len(scores)}
 
-    paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "reward",
-                                        extra_files={"reward_stats.json": stats})
-    save_config(args.output_dir, script, args, model_args)
+    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "reward",
+                                extra_files={"reward_stats.json": stats})
+    save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
         "train_loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint, "train_pairs": len(train_rows),
         **health, "reward_stats": stats, "trainable_params": trainable, "total_params": total,
-        "changed_tensors": changed, "trainable_tensors": n_tensors, "merged": str(paths["merged"]),
-        "adapter": str(paths["adapter"]) if paths["adapter"] else None, "seconds": time.time() - t0,
+        "changed_tensors": changed, "trainable_tensors": n_tensors, "merged": f"{output_dir}/merged",
+        "adapter": f"{output_dir}/adapter" if model_args.use_peft else None, "seconds": round(time.time() - t0, 1),
     }
+    atomic_write_json(f"{args.output_dir}/summary.json", summary)
+    run.commit()
     print(f"reward: {result.global_step} steps on {len(train_rows)} pairs, train loss {result.training_loss:.4f}; "
           f"held-out accuracy {acc_before:.3f} -> {acc:.3f} on {len(eval_rows)} pairs (gate {script.min_eval_accuracy}); "
           f"reward mean {stats['mean']:.3f} std {stats['std']:.3f}; {changed}/{n_tensors} tensors changed; "
-          f"merged -> {paths['merged']} in {summary['seconds']:.0f}s", file=sys.stderr)
+          f"merged -> {output_dir}/merged in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary
 
 
 @exit_on_user_error
 def cli(argv=None) -> dict:
     """`align reward --config FILE.yaml [--key value ...]`."""
-    from alignment.compat import ModelConfig, RewardConfig, cpu_overrides
+    from alignment.compat import ModelConfig, RewardConfig
 
-    return main(parse_config([RewardScriptArguments, RewardConfig, ModelConfig], cpu_overrides(argv)))
+    return main(parse_stage_config(RewardScriptArguments, RewardConfig, ModelConfig, argv))
 
 
 if __name__ == "__main__":

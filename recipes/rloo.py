@@ -1,32 +1,94 @@
-"""Online RL with TRL's RLOOTrainer against the same reward model and prompts as `align ppo`.
+"""Online RL with TRL's RLOOTrainer against the same rewards and prompts as `align ppo`.
 
     align rloo --config recipes/tiny/rloo.yaml
 
-REINFORCE with a leave-one-out baseline over `num_generations` samples per prompt: no value head. Writes
-<output_dir>/adapter, <output_dir>/merged, summary.json and config.yaml; resumes from its last checkpoint.
-The shared loading and reward function live in alignment/ppo.py (`run_trl_online`).
+REINFORCE with a leave-one-out baseline: each completion is scored against the mean of the other
+`num_generations - 1` completions of its prompt; no value head. Prompt ids come from the suite's special-token-safe encoder (a user message
+holding "<|im_start|>assistant" stays text). Rewards: the reward model (normalised) and a penalty for completions
+that never reach end of turn, each logged by TRL under its own name. Writes <output_dir>/adapter, merged/,
+summary.json and config.yaml; the run works in `.<output_dir>.partial/` and a killed run resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
-from alignment.config import parse_config
-from alignment.errors import exit_on_user_error
-from alignment.ppo import OnlineRLArguments, run_trl_online
+import sys
+import time
+
+from alignment.config import fingerprint_config, parse_stage_config, save_config
+from alignment.errors import UserError, exit_on_user_error
+from alignment.rewards import OnlineRLArguments
 
 
 def main(cfg) -> dict:
-    """cfg: (OnlineRLArguments, RLOOConfig, ModelConfig)."""
-    return run_trl_online("RLOOTrainer", cfg)
+    """Validate, load prompts and rewards, train with RLOOTrainer (resuming a killed run), save adapter + merged."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoConfig
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from alignment.compat import SafeRLOOTrainer
+    from alignment.data import encode_prompts, read_prompt_rows
+    from alignment.io import StageRun, atomic_write_json
+    from alignment.modeling import (check_model_dir, context_length, load_model, load_tokenizer, lora_config, same_tokenizer,
+                                    save_stage_outputs)
+    from alignment.rewards import RewardModel, ends_at_end_of_turn_function, reward_model_function, reward_stats, trl_reward_functions
+
+    script, args, model_args = cfg
+    t0 = time.time()
+    if not model_args.model_name_or_path:
+        raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
+    check_model_dir(model_args.model_name_or_path, "model_name_or_path")
+    check_model_dir(script.reward_model, "reward_model")
+    if args.beta < 0:
+        raise UserError(f"beta: {args.beta}; expected the KL coefficient >= 0")
+    reward_stats(script.reward_model, script.normalize_reward)
+    tok = load_tokenizer(model_args.model_name_or_path)
+    if not same_tokenizer(tok, load_tokenizer(script.reward_model)):
+        raise UserError(f"reward_model: {script.reward_model}: its tokenizer differs from the policy's; expected the same tokenizer")
+    context = context_length(AutoConfig.from_pretrained(model_args.model_name_or_path))
+    rows = read_prompt_rows(script.prompts, script.max_prompts or None)
+    kept = encode_prompts(tok, rows, context, args.max_completion_length or 0, script.long_prompts)
+    # the prompt rows' other fields reach the reward functions as columns (TRL passes them as keyword arguments)
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in kept])
+
+    output_dir = args.output_dir
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args),
+                   [model_args.model_name_or_path, script.reward_model, script.prompts], "rloo")
+    args.output_dir = str(run.start())
+    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
+    if checkpoint:
+        print(f"rloo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if script.cpu_threads and device.type == "cpu":
+        torch.set_num_threads(script.cpu_threads)
+    rm = RewardModel(script.reward_model, script.normalize_reward, script.reward_load_in_8bit, script.reward_batch_size, device)
+    functions = [reward_model_function(rm), ends_at_end_of_turn_function(script.missing_eos_penalty)]
+    args.reward_weights = [f.weight for f in functions]
+    policy = load_model(model_args.model_name_or_path, model_args, "causal", tok, training=True, device=device)
+    trainer = SafeRLOOTrainer(model=policy, reward_funcs=trl_reward_functions(functions, tok), args=args, train_dataset=dataset,
+                              processing_class=tok, peft_config=lora_config(model_args) if model_args.use_peft else None)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    save_stage_outputs(trainer.model, tok, model_args.model_name_or_path, args.output_dir)
+    save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"trainer": "RLOOTrainer", "steps": result.global_step, "seconds": round(time.time() - t0, 1), "resumed_from": checkpoint,
+               "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+    atomic_write_json(f"{args.output_dir}/summary.json", summary)
+    run.commit()
+    if logs:
+        f, last = logs[0], logs[-1]
+        print(f"rloo: {result.global_step} steps in {summary['seconds']}s -> {output_dir}/merged; reward "
+              f"{f['reward']:+.3f} -> {last['reward']:+.3f}, kl {f.get('kl', float('nan')):.4f} -> {last.get('kl', float('nan')):.4f}")
+    return summary
 
 
 @exit_on_user_error
 def cli(argv=None) -> dict:
     """`align rloo --config FILE.yaml [--key value ...]`."""
-    from trl import RLOOConfig
+    from alignment.compat import RLOOConfig, ModelConfig
 
-    from alignment.compat import ModelConfig, cpu_overrides
-
-    return main(parse_config([OnlineRLArguments, RLOOConfig, ModelConfig], cpu_overrides(argv)))
+    return main(parse_stage_config(OnlineRLArguments, RLOOConfig, ModelConfig, argv))
 
 
 if __name__ == "__main__":

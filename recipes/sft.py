@@ -6,7 +6,9 @@
 Data (messages, prompt/completion or alpaca rows) is rendered with the model's chat template and tokenized here by
 `alignment.tokens.encode_chat`, so TRL receives `input_ids` + `assistant_masks` and only builds labels from them:
 the loss covers assistant replies and their end-of-turn token `<|im_end|>` (that is how the model learns to stop).
-Writes `<output_dir>/merged/` (the next stage's input), `<output_dir>/adapter/` with LoRA, and `config.yaml`.
+Every input is read and checked before the output is touched; the run works in `.<output_dir>.partial/` (a killed
+run resumes from its last checkpoint there) and replaces `<output_dir>/` only when it has finished: `merged/` (the
+next stage's input), `adapter/` with LoRA, `config.yaml` and `summary.json`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from alignment.config import cpu_fallback, parse_config, save_config
+from alignment.config import fingerprint_config, parse_stage_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 
 
@@ -26,31 +28,25 @@ class SFTScriptArguments:
 
     train_data: list[str] = field(default_factory=list, metadata={"help": "Sources PATH_OR_HUB_NAME[@WEIGHT]: .json/.jsonl/.parquet/.csv(.gz) or hub names."})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Held-out sources for eval loss (else eval_fraction of train_data)."})
-    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of train_data held out for eval loss when eval_data is empty."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of train_data held out for eval loss when eval_data is empty.",
+                                                        "range": (0, 1, True, False, ())})
     dataset_split: str = field(default="train", metadata={"help": "Split read from hub datasets in train_data."})
     eval_split: str = field(default="test", metadata={"help": "Split read from hub datasets in eval_data."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training conversations (after mixing)."})
     invalid_rows: str = field(default="error", metadata={"help": "A row that does not fit: 'error' (stop, naming it) or 'skip' (count)."})
     too_long: str = field(default="truncate", metadata={"help": "Conversations over max_length: 'truncate', 'drop' or 'error'."})
-    overwrite: bool = field(default=False, metadata={"help": "Retrain even if output_dir holds a finished stage."})
-
-
-def load_conversations(specs, split, seed, invalid_rows, label):
-    """Rows of a mixture -> validated chat conversations (and the place each came from)."""
-    from alignment.data import convert_rows, load_mixture, sft_messages
-
-    rows = load_mixture(specs, split=split, seed=seed)
-    kept = convert_rows(rows, lambda r: (sft_messages(r), r.where), invalid_rows, label)
-    return [c for c, _ in kept], [w for _, w in kept]
+    overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
 
 def main(cfg) -> dict:
-    """Load data and model, train with SFTTrainer (resuming from the last checkpoint), save adapter + merged."""
+    """Read and check data and model, train with SFTTrainer (resuming a killed run), save adapter + merged."""
     from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import modeling
     from alignment.compat import SFTTrainer
-    from alignment.data import split_holdout, tokenize_sft
+    from alignment.data import load_conversations, parse_source, split_holdout, tokenize_sft
+    from alignment.io import StageRun, atomic_write_json
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -58,9 +54,8 @@ def main(cfg) -> dict:
         raise UserError("train_data: expected at least one data source")
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path: expected the input model directory (e.g. runs/tiny/base)")
-    cpu_fallback(args)
     modeling.check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    checkpoint = modeling.resume_or_start(args.output_dir, script.overwrite)
+    output_dir = args.output_dir
 
     # data: rows -> conversations -> input_ids + assistant_masks (special-token safe)
     tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, args.chat_template_path)
@@ -83,28 +78,36 @@ def main(cfg) -> dict:
         eval_rows = [{"input_ids": r["input_ids"]} for r in eval_rows]
     # TRL's own assistant_only_loss re-renders `messages`; our rows are already tokenized with the mask
     assistant_only, args.assistant_only_loss = args.assistant_only_loss, False
-    train_ds = Dataset.from_list(train_rows)
-    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    if eval_ds is None:
+    if not eval_rows:
         args.eval_strategy = "no"
     n_target = sum(sum(r["assistant_masks"]) if "assistant_masks" in r else len(r["input_ids"]) for r in train_rows)
 
+    # output: every input checked; work in the partial sibling, resume it when the same run was killed
+    inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "sft")
+    args.output_dir = str(run.start())
+    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
+    if checkpoint:
+        print(f"sft: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+
     # model: fp32 on CPU, optional 8/4-bit base + LoRA on attention and MLP projections
-    model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, args.gradient_checkpointing)
+    model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,
+                                gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
         model = modeling.add_lora(model, model_args, "CAUSAL_LM")
     trainable, total = modeling.count_parameters(model)
     before = modeling.trainable_snapshot(model)
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer)
     modeling.adapters_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    eval_metrics = trainer.evaluate() if eval_rows else {}
 
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
     paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
     args.assistant_only_loss = assistant_only  # config.yaml records what the user asked for
-    save_config(args.output_dir, script, args, model_args)
+    save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
@@ -118,23 +121,25 @@ def main(cfg) -> dict:
         "total_params": total,
         "changed_tensors": changed,
         "trainable_tensors": n_tensors,
-        "merged": str(paths["merged"]),
-        "adapter": str(paths["adapter"]) if paths["adapter"] else None,
-        "seconds": time.time() - t0,
+        "merged": f"{output_dir}/merged",
+        "adapter": f"{output_dir}/adapter" if model_args.use_peft else None,
+        "seconds": round(time.time() - t0, 1),
     }
+    atomic_write_json(f"{args.output_dir}/summary.json", summary)
+    run.commit()
     eval_txt = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
     print(f"sft: {summary['steps']} steps on {len(train_rows)} conversations, train loss {result.training_loss:.4f}{eval_txt}; "
           f"{trainable:,}/{total:,} params trainable, {changed}/{n_tensors} tensors changed; "
-          f"merged -> {paths['merged']} in {summary['seconds']:.0f}s", file=sys.stderr)
+          f"merged -> {output_dir}/merged in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary
 
 
 @exit_on_user_error
 def cli(argv=None) -> dict:
     """`align sft --config FILE.yaml [--key value ...]`."""
-    from alignment.compat import ModelConfig, SFTConfig, cpu_overrides
+    from alignment.compat import ModelConfig, SFTConfig
 
-    return main(parse_config([SFTScriptArguments, SFTConfig, ModelConfig], cpu_overrides(argv)))
+    return main(parse_stage_config(SFTScriptArguments, SFTConfig, ModelConfig, argv))
 
 
 if __name__ == "__main__":

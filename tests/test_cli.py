@@ -84,7 +84,7 @@ def test_tokenizer_bad_input(tmp_path, case):
         proc, expect = align("tokenizer", "--files", f, *args), ["c.txt", "empty"]
     elif case == "undecodable":
         f.write_bytes(b"good text\nbad \xff\xfe bytes\n")
-        proc, expect = align("tokenizer", "--files", f, *args), ["c.txt", "undecodable bytes at byte 14 (line 2)", "UTF-8"]
+        proc, expect = align("tokenizer", "--files", f, *args), ["c.txt", "line 2: undecodable bytes at byte 14", "UTF-8"]
     elif case == "small_vocab":
         f.write_text("some text")
         proc, expect = align("tokenizer", "--files", f, "--output_dir", out, "--vocab_size", "100"), ["vocab_size", "at least 256 bytes + 20 special tokens = 276"]

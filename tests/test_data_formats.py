@@ -57,7 +57,7 @@ def test_bad_preference_rows_name_file_and_row(tmp_path, row, message):
     rows = load_mixture([str(path)])
     with pytest.raises(UserError) as e:
         convert_rows(rows, preference_pair)
-    assert f"{path}: row 2" in str(e.value) and message in str(e.value)
+    assert f"{path}:2: " in str(e.value) and message in str(e.value)
     kept = convert_rows(rows, preference_pair, invalid_rows="skip")  # skip mode: counted, the good row survives
     assert len(kept) == 1
 
@@ -86,10 +86,12 @@ def test_local_file_readers_agree(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
-    for name in ("a.json", "a.jsonl", "a.jsonl.gz", "a.csv", "a.csv.gz", "a.parquet"):
+    # the 4th row's place: its line for line formats (a CSV record here spans 2 lines after the header), else its number
+    where = {"a.json": ": row 4", "a.jsonl": ":4", "a.jsonl.gz": ":4", "a.csv": ":9", "a.csv.gz": ":9", "a.parquet": ": row 4"}
+    for name, place in where.items():
         got = read_rows(str(tmp_path / name))
         assert [r.data for r in got] == rows, name
-        assert got[3].where == f"{tmp_path / name}: row 4"
+        assert got[3].where == f"{tmp_path / name}{place}", name
     assert len(read_rows(str(tmp_path))) == 6 * len(rows)  # a directory reads every data file in it
     with pytest.raises(UserError, match="data file not found"):
         read_rows(str(tmp_path / "missing.jsonl"))
@@ -149,14 +151,18 @@ def test_prompt_rows_from_prompt_fields_and_hh_dialogues(tmp_path):
     f = tmp_path / "p.jsonl.gz"
     with gzip.open(f, "wt", encoding="utf-8") as g:
         g.write(json.dumps({"prompt": "Say hi.", "answer": "hi"}) + "\n\n" + json.dumps(hh) + "\n")
-    rows = read_prompt_rows(f)
-    assert [i for i, _ in rows] == [1, 3] and rows[0][1] == {"prompt": "Say hi.", "answer": "hi"}
-    assert rows[1][1]["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+    rows = read_prompt_rows(str(f))
+    assert [r.where for r in rows] == [f"{f}:1", f"{f}:3"] and rows[0].data == {"prompt": "Say hi.", "answer": "hi"}
+    assert rows[1].data["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                                     {"role": "user", "content": "Name a fruit."}]  # the final assistant turn is the answer, dropped
-    assert len(read_prompt_rows(f, limit=1)) == 1
+    assert len(read_prompt_rows(str(f), limit=1)) == 1
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: expected a 'prompt'"):
-        read_prompt_rows(tmp_path / "bad.jsonl")
+        read_prompt_rows(str(tmp_path / "bad.jsonl"))
     (tmp_path / "only.jsonl").write_text(json.dumps({"chosen": "\n\nAssistant: hi"}) + "\n")
-    with pytest.raises(UserError, match=r"only.jsonl:1: empty prompt"):
-        read_prompt_rows(tmp_path / "only.jsonl")
+    with pytest.raises(UserError, match=r"only.jsonl:1: the dialogue has no turn before the assistant's"):
+        read_prompt_rows(str(tmp_path / "only.jsonl"))
+    for bad in (None, 7, {"text": "x"}, ""):  # a prompt is a string or messages, never "None" or "7"
+        (tmp_path / "odd.jsonl").write_text(json.dumps({"prompt": bad}) + "\n")
+        with pytest.raises(UserError, match=r"odd.jsonl:1: prompt is .*; expected a non-empty string or a list of messages"):
+            read_prompt_rows(str(tmp_path / "odd.jsonl"))

@@ -43,7 +43,7 @@ def test_reference_logps_are_cached_and_reused_across_beta_and_loss_type(tiny_mo
 
     from alignment.data import tokenize_preference
     from alignment.modeling import load_tokenizer
-    from recipes.reward import load_pairs
+    from alignment.data import load_preference_pairs as load_pairs
 
     cache = tmp_path / "cache"
     calls = count_ref_forwards(monkeypatch)

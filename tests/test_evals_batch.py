@@ -10,12 +10,12 @@ from _evals_utils import write_mmlu_subset
 
 from evals.multiple_choice import evaluate_mc, load_tasks
 from evals.perplexity import evaluate_perplexity, rolling_windows
-from evals.scoring import load_model, loglikelihoods
+from evals.scoring import loglikelihoods, scoring_model
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
+    return scoring_model(str(tiny_model_dir))
 
 
 def test_rolling_windows_by_hand():
@@ -86,7 +86,7 @@ def test_shared_prefix_cache_equals_plain_forward(tiny_tokenizer_dir, tmp_path):
     from pretrain.export import ExportConfig, main
 
     main(ExportConfig(tokenizer=str(tiny_tokenizer_dir), preset="test", max_position_embeddings=1024, output_dir=str(tmp_path / "m"), seed=2))
-    lm = load_model(str(tmp_path / "m"))
+    lm = scoring_model(str(tmp_path / "m"))
     tok = lm.tokenizer
     prefix = tok.encode(" ".join(synthetic_corpus(4, seed=9)))  # > 64 shared tokens
     reqs = [(prefix + tok.encode(q), tok.encode(a)) for q in (" Who ran?", " The cat sat on the big hill and", " Two")
@@ -111,14 +111,14 @@ def test_adapter_8bit_and_4bit_loading(tiny_model_dir, tmp_path, lm):
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     reqs = [(lm.tokenizer.encode("Alice likes the"), lm.tokenizer.encode(" big dog"))]
-    with_adapter = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+    with_adapter = scoring_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
     ids = torch.tensor([reqs[0][0] + reqs[0][1]])
     with torch.no_grad():
         ref = torch.log_softmax(peft_model(ids).logits[0, len(reqs[0][0]) - 1:-1], -1)
     expected = float(ref.gather(1, torch.tensor(reqs[0][1])[:, None]).sum())
     assert loglikelihoods(with_adapter, reqs, progress=False)[0][0] == pytest.approx(expected, abs=1e-4)
     assert loglikelihoods(lm, reqs, progress=False)[0][0] != pytest.approx(expected, abs=1e-3)  # the adapter matters
-    q8 = load_model(str(tiny_model_dir), load_in_8bit=True)
+    q8 = scoring_model(str(tiny_model_dir), load_in_8bit=True)
     ll8 = loglikelihoods(q8, reqs, progress=False)[0][0]
     ll32 = loglikelihoods(lm, reqs, progress=False)[0][0]
     assert math.isfinite(ll8) and abs(ll8 - ll32) < 0.05 * abs(ll32)
@@ -126,28 +126,21 @@ def test_adapter_8bit_and_4bit_loading(tiny_model_dir, tmp_path, lm):
     from pretrain.export import ExportConfig, main
 
     main(ExportConfig(tokenizer=str(tiny_model_dir), preset="tiny", output_dir=str(tmp_path / "tiny"), seed=0))
-    full, q4 = load_model(str(tmp_path / "tiny")), load_model(str(tmp_path / "tiny"), load_in_4bit=True)
+    full, q4 = scoring_model(str(tmp_path / "tiny")), scoring_model(str(tmp_path / "tiny"), load_in_4bit=True)
     assert type(q4.model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     ll4, ll32 = loglikelihoods(q4, reqs, progress=False)[0][0], loglikelihoods(full, reqs, progress=False)[0][0]
     assert math.isfinite(ll4) and ll4 != ll32 and abs(ll4 - ll32) < 0.1 * abs(ll32)
 
 
-def test_evaluate_modules_match_our_numbers(lm, tmp_path):
-    import evaluate
+def test_shared_statistics_hand_derived():
+    """alignment.stats: the mean with its standard error, and the win rate over k x k comparisons per prompt."""
+    from alignment.stats import mean_stderr, win_rate
 
-    tasks = load_tasks(str(write_mmlu_subset(tmp_path, subjects=("astronomy",), n_test=10)))
-    res, samples = evaluate_mc(lm, tasks, 0, "cloze", progress=False)
-    m = evaluate.load("evals/metrics/mc_accuracy")
-    got = m.compute(predictions=[s["loglikelihoods"] for s in samples], references=[s["target"] for s in samples],
-                    choices=[r["choices"] for r in tasks[0].test])
-    assert got["acc"] == pytest.approx(res["mmlu_astronomy"]["acc"])
-    assert got["acc_norm"] == pytest.approx(res["mmlu_astronomy"]["acc_norm"])
-    assert got["acc_stderr"] == pytest.approx(res["mmlu_astronomy"]["acc_stderr"])
-    docs = ["one two three", "four five six seven"]
-    ppl, ps = evaluate_perplexity(lm, docs, progress=False)
-    b = evaluate.load("evals/metrics/bits_per_byte").compute(predictions=[s["loglikelihood"] for s in ps], references=docs,
-                                                            num_tokens=[s["tokens"] for s in ps])
-    for k in ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity"):
-        assert b[k] == pytest.approx(ppl[k], rel=1e-9)
-    w = evaluate.load("evals/metrics/win_rate").compute(predictions=[1.0, 0.0, 2.0, 1.0], references=[0.0, 1.0, 1.0, 1.0])
-    assert w["win_rate"] == pytest.approx(0.625)
+    m, se = mean_stderr([1.0, 0.0, 1.0, 1.0])
+    assert m == 0.75 and se == pytest.approx(math.sqrt((3 * 0.25 ** 2 + 0.75 ** 2) / 3 / 4))
+    w = win_rate([1.0, 0.0, 2.0, 1.0], [0.0, 1.0, 1.0, 1.0])  # win, loss, win, tie
+    assert w["win_rate"] == pytest.approx(0.625) and w["outcomes"] == [1.0, 0.0, 1.0, 0.5]
+    # two samples per prompt: prompt 0 wins 3 of its 4 comparisons (2>1, 2>0, 0<1, 0=0 -> 1, 1, 0, 0.5)
+    w2 = win_rate([[2.0, 0.0], [5.0, 5.0]], [[1.0, 0.0], [1.0, 1.0]])
+    assert w2["outcomes"] == [0.625, 1.0] and w2["win_rate"] == pytest.approx(0.8125)
+    assert w2["win_rate_stderr"] == pytest.approx(abs(1.0 - 0.625) / 2)

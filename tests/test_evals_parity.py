@@ -9,13 +9,13 @@ from _evals_utils import run_lm_eval, write_mmlu_subset
 
 from evals.multiple_choice import evaluate_mc, load_tasks
 from evals.perplexity import evaluate_perplexity
-from evals.scoring import load_model
+from evals.scoring import scoring_model
 from evals.tasks.lm_eval_tasks import write_mc_tasks, write_perplexity_task
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
+    return scoring_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_mmlu_items_equal_lm_eval(lm, tiny_model_dir, mmlu_dir, tmp_path, scorin
 def test_mmlu_shared_fewshot_prefix_equals_lm_eval(long_model_dir, mmlu_dir, tmp_path):
     from evals.scoring import prefix_groups
 
-    lm = load_model(str(long_model_dir))
+    lm = scoring_model(str(long_model_dir))
     tasks = load_tasks(str(mmlu_dir))
     ours, samples = evaluate_mc(lm, tasks, 5, "letter", batch_size=4, progress=False)
     # the fast path is really taken: one prefix group per subject

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from evals.preference import (dpo_accuracy, load_reward_model, read_pairs, read_prompts, reward_accuracy, reward_scores,
-                              win_rate)
-from evals.scoring import load_model, loglikelihoods
+from alignment.modeling import reward_scores
+from alignment.rewards import RewardModel
+from alignment.tokens import encode_prompt, reply_ids
+from evals.preference import evaluate_dpo_accuracy, evaluate_reward_accuracy, evaluate_win_rate, read_pairs, read_prompts
+from evals.scoring import loglikelihoods, scoring_model
 
 
 @pytest.fixture(scope="module")
@@ -33,34 +35,43 @@ def pairs_file(tmp_path_factory):
     return p
 
 
-def test_reward_scores_ignore_padding(reward_dir):
-    rm, tok = load_reward_model(str(reward_dir))
-    seqs = [tok.encode("the cat sat"), tok.encode("Alice likes the big red house and the river"), tok.encode("one")]
-    batched = reward_scores(rm, tok, seqs, batch_size=3)
+def test_reward_scores_ignore_padding_and_dedup(reward_dir):
+    rm = RewardModel(str(reward_dir))
+    tok = rm.tokenizer
+    seqs = [tok.encode("the cat sat"), tok.encode("Alice likes the big red house and the river"), tok.encode("one"), tok.encode("the cat sat")]
+    batched = reward_scores(rm.model, seqs, rm.pad, batch_size=3).tolist()
     with torch.no_grad():
-        single = [float(rm(torch.tensor([s])).logits[0, 0]) for s in seqs]  # no padding at all
+        single = [float(rm.model(torch.tensor([s])).logits[0, 0]) for s in seqs]  # no padding at all
     assert batched == pytest.approx(single, abs=1e-5)
-    assert len(set(np.round(batched, 4))) == 3
+    assert len(set(np.round(batched, 4))) == 3 and batched[0] == batched[3]  # identical sequences tie exactly
 
 
 def test_reward_accuracy(reward_dir, pairs_file):
-    pairs = read_pairs(pairs_file)
-    assert pairs[3] == {"prompt": "\n\nHuman: Hi there\n\nAssistant:", "chosen": " Hello! How can I help?", "rejected": " Go away."}
-    res, samples = reward_accuracy(str(reward_dir), pairs, batch_size=2)
+    pairs = read_pairs(str(pairs_file))
+    hh = pairs[3]  # an hh-rlhf dialogue becomes a conversation: the shared turns, then the two last replies
+    assert hh == {"prompt": [{"role": "user", "content": "Hi there"}], "chosen": [{"role": "assistant", "content": "Hello! How can I help?"}],
+                  "rejected": [{"role": "assistant", "content": "Go away."}]}
+    res, samples = evaluate_reward_accuracy(str(reward_dir), pairs, batch_size=2)
     margins = np.array([s["chosen_reward"] - s["rejected_reward"] for s in samples])
     assert res["n"] == 4 and res["acc"] == pytest.approx(float((margins > 0).mean()))
     assert res["margin"] == pytest.approx(float(margins.mean()))
+    # the score of a reply is read at its end-of-turn token (one sequence, no padding)
+    rm = RewardModel(str(reward_dir))
+    p = encode_prompt(rm.tokenizer, hh["prompt"])
+    seq = p + reply_ids(rm.tokenizer, p, hh["prompt"], "Go away.")
+    assert seq[-1] == rm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        assert samples[3]["rejected_reward"] == pytest.approx(float(rm.model(torch.tensor([seq])).logits[0, 0]), abs=1e-5)
 
 
 def test_dpo_accuracy(tiny_model_dir, other_policy, pairs_file):
-    pairs = read_pairs(pairs_file)
-    same, _ = dpo_accuracy(str(tiny_model_dir), str(tiny_model_dir), pairs)
+    pairs = read_pairs(str(pairs_file))
+    same, _ = evaluate_dpo_accuracy(str(tiny_model_dir), str(tiny_model_dir), pairs)
     assert same["margin"] == 0 and same["acc"] == 0  # identical models: no implicit reward
-    res, samples = dpo_accuracy(str(other_policy), str(tiny_model_dir), pairs, beta=0.5)
-    pol, ref = load_model(str(other_policy)), load_model(str(tiny_model_dir))
-    from evals.preference import _prompt_and_completion
-
-    p, c = _prompt_and_completion(pol.tokenizer, pairs[0]["prompt"], pairs[0]["chosen"])
+    res, samples = evaluate_dpo_accuracy(str(other_policy), str(tiny_model_dir), pairs, beta=0.5)
+    pol, ref = scoring_model(str(other_policy)), scoring_model(str(tiny_model_dir))
+    p = encode_prompt(pol.tokenizer, pairs[0]["prompt"])
+    c = reply_ids(pol.tokenizer, p, pairs[0]["prompt"], pairs[0]["chosen"][0]["content"])
     expected = 0.5 * (loglikelihoods(pol, [(p, c)], progress=False)[0][0] - loglikelihoods(ref, [(p, c)], progress=False)[0][0])
     assert samples[0]["chosen_reward"] == pytest.approx(expected, abs=1e-4)
 
@@ -68,10 +79,10 @@ def test_dpo_accuracy(tiny_model_dir, other_policy, pairs_file):
 def test_win_rate_and_kl(tiny_model_dir, other_policy, reward_dir, tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": "x"}) + "\n"
                                               for q in ("Who has the cat?", "Count to three.", "Where is the hill?")))
-    prompts = read_prompts(tmp_path / "p.jsonl")
-    tie, _ = win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
+    prompts = read_prompts(str(tmp_path / "p.jsonl"))
+    tie, _ = evaluate_win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
     assert tie["win_rate"] == 0.5 and tie["kl"] == pytest.approx(0.0, abs=1e-6)  # same model, same seeds: same samples
-    res, samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
+    res, samples = evaluate_win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3)
     assert len(samples) == 3 and any(s["policy_response"] != s["reference_response"] for s in samples)
     outcome = [1.0 if s["policy_reward"] > s["reference_reward"] else 0.0 if s["policy_reward"] < s["reference_reward"] else 0.5 for s in samples]
     assert res["win_rate"] == pytest.approx(np.mean(outcome))
@@ -82,11 +93,11 @@ def test_win_rate_and_kl(tiny_model_dir, other_policy, reward_dir, tmp_path):
 def test_win_rate_with_several_samples_per_prompt(tiny_model_dir, other_policy, reward_dir, tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": "x"}) + "\n"
                                               for q in ("Who has the cat?", "Count to three.", "Where is the hill?")))
-    prompts = read_prompts(tmp_path / "p.jsonl")
-    tie, _ = win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
+    prompts = read_prompts(str(tmp_path / "p.jsonl"))
+    tie, _ = evaluate_win_rate(str(tiny_model_dir), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
     # same model, same seeds: the k samples match, so each prompt's k*k comparisons are symmetric around a half
     assert tie["win_rate"] == pytest.approx(0.5) and tie["kl"] == pytest.approx(0.0, abs=1e-6) and tie["num_samples"] == 3
-    res, samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
+    res, samples = evaluate_win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3, num_samples=3)
     assert len(samples) == 3 and all(len(s["policy_rewards"]) == len(s["reference_rewards"]) == 3 for s in samples)
     # each prompt's outcome recomputed by hand from its 3 x 3 rewards
     per_prompt = [np.mean([1.0 if a > b else 0.0 if a < b else 0.5 for a in s["policy_rewards"] for b in s["reference_rewards"]])
@@ -96,21 +107,19 @@ def test_win_rate_with_several_samples_per_prompt(tiny_model_dir, other_policy, 
     assert res["win_rate_stderr"] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(3))
     assert samples[0]["policy_response"] == samples[0]["policy_responses"][0]
     # seeded: the same call samples the same responses and gives the same number
-    again, again_samples = win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3,
+    again, again_samples = evaluate_win_rate(str(other_policy), str(tiny_model_dir), str(reward_dir), prompts, max_new_tokens=8, seed=3,
                                     num_samples=3)
     assert [s["policy_responses"] for s in again_samples] == [s["policy_responses"] for s in samples]
     assert again["win_rate"] == res["win_rate"]
 
 
-def test_response_rewards_keep_the_end_of_sequences_longer_than_the_reward_model_context(reward_dir):
-    from evals.preference import _prompt_and_completion, load_reward_model, response_rewards, reward_scores
-
-    rm, tok = load_reward_model(str(reward_dir))
-    ctx = rm.config.max_position_embeddings
+def test_reward_scores_keep_the_end_of_sequences_longer_than_the_reward_model_context(reward_dir):
+    rm = RewardModel(str(reward_dir))
+    ctx = rm.model.config.max_position_embeddings
     long_prompt = [{"role": "user", "content": "the cat sat on the hill " * ctx}]
-    a, b = _prompt_and_completion(tok, long_prompt, [{"role": "assistant", "content": "Yes."}])
-    assert len(a + b) > ctx
-    got = response_rewards(rm, tok, [long_prompt], ["Yes."])
-    assert got == pytest.approx(reward_scores(rm, tok, [(a + b)[-ctx:]]), abs=1e-5)
-    assert reward_scores(rm, tok, [a + b]) == pytest.approx(got, abs=1e-5)  # the end is kept at the scoring depth
+    seq = rm.sequences([long_prompt], ["Yes."])[0]
+    assert len(seq) > ctx
+    got = rm.score([long_prompt], ["Yes."]).tolist()
+    with torch.no_grad():
+        assert got[0] == pytest.approx(float(rm.model(torch.tensor([seq[-ctx:]])).logits[0, 0]), abs=1e-5)
     assert np.isfinite(got[0])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _post_utils import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
-from alignment.ppo import PPO, PPOHyper, ValueHead, encode_prompts
+from alignment.data import Row, encode_prompts
+from alignment.ppo import PPO, PPOHyper, ValueHead
 
 TARGET = range(100, 164)  # token ids the programmatic reward pays for: 1/8 of the 512-token vocabulary
 
@@ -31,10 +32,9 @@ def steerable_model_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def count_target(prompts, texts, response, mask):
+def count_target(rows, completions):
     """Programmatic reward: how many response tokens fall in TARGET."""
-    hit = ((response >= TARGET.start) & (response < TARGET.stop)).float()
-    return (hit * mask).sum(1)
+    return torch.tensor([float(sum(t in TARGET for t in c.token_ids)) for c in completions])
 
 
 def build_ppo(model_dir, hp: PPOHyper, n_prompts: int = 32) -> PPO:
@@ -47,14 +47,13 @@ def build_ppo(model_dir, hp: PPOHyper, n_prompts: int = 32) -> PPO:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    rows = [(i, [{"role": "user", "content": f"say something {i}"}]) for i in range(n_prompts)]
-    prompts = encode_prompts(tok, rows, base.config.max_position_embeddings, hp.response_length, "prompts")
+    rows = [Row({"prompt": [{"role": "user", "content": f"say something {i}"}]}, f"prompts:{i}") for i in range(n_prompts)]
+    prompts = encode_prompts(tok, rows, base.config.max_position_embeddings, hp.response_length)
     stop = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     return PPO(policy, ValueHead(base.config.hidden_size), tok, count_target, prompts, hp, stop)
 
 
-HP = dict(rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=4, response_length=8, learning_rate=3e-3,
-          kl_coef=0.01, missing_eos_penalty=0.0)
+HP = dict(rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=4, response_length=8, learning_rate=3e-3, kl_coef=0.01)
 
 
 def test_reward_rises_while_kl_stays_bounded(steerable_model_dir):
@@ -131,16 +130,16 @@ def stage_argv(model_dir, reward_dir, prompts, out, *extra):
             "--save_steps", "1", *extra]
 
 
-def test_stage_writes_outputs_and_resumes(tiny_model_dir, reward_dir, prompts_file, tmp_path):
+def test_stage_writes_outputs_and_is_reproducible(tiny_model_dir, reward_dir, prompts_file, tmp_path):
     """Two updates through `align ppo`: adapter + merged (loadable, differs from the SFT model), logs, curves,
-    summary; then --resume_from_checkpoint latest continues at update 3."""
+    summary; the same seed gives the same metrics and weights (CPU); a finished output needs --overwrite."""
     from transformers import AutoModelForCausalLM
 
     from recipes.ppo import cli
 
     out = tmp_path / "ppo"
     s = cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, out))
-    for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json", "value_head.pt",
+    for name in ("adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.json", "value_head.safetensors",
                  "metrics.jsonl", "summary.json", "config.yaml", "checkpoints/step_000001/state.json", "checkpoints/step_000002/optimizer.pt"):
         assert (out / name).exists(), name
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -149,9 +148,14 @@ def test_stage_writes_outputs_and_resumes(tiny_model_dir, reward_dir, prompts_fi
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     diffs = [not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), base.state_dict().values())]
     assert any(diffs)  # LoRA updates were merged in
-    s2 = cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, out, "--num_updates", "3", "--resume_from_checkpoint", "latest"))
-    assert s2["updates"] == 3
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    first = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit):  # a finished run is replaced only when asked
+        cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, out))
+    assert (out / "metrics.jsonl").read_text() == first
+    again = tmp_path / "ppo2"
+    cli(stage_argv(tiny_model_dir, reward_dir, prompts_file, again))
+    assert (again / "metrics.jsonl").read_text() == first  # same seed, same machine: the same run
+    assert (again / "merged" / "model.safetensors").read_bytes() == (out / "merged" / "model.safetensors").read_bytes()
 
 
 def _fails(argv, capsys, match: str, out):
@@ -203,6 +207,8 @@ def test_trl_online_stages(stage, tiny_model_dir, reward_dir, prompts_file, tmp_
         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "6",
         "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no"])
     assert s["steps"] == 2 and s["last_log"] is not None
+    log = s["last_log"]
+    assert "rewards/reward_model/mean" in log and "rewards/missing_eos_penalty/mean" in log, sorted(log)
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "summary.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from alignment.errors import UserError
-from alignment.ppo import (AdaptiveKLController, FixedKLController, gae, kl_controller, kl_estimate, policy_loss,
-                           reward_stats, truncate_at_stop, value_loss, whiten)
+from alignment.ppo import AdaptiveKLController, FixedKLController, gae, kl_controller, kl_estimate, policy_loss, value_loss, whiten
+from alignment.rewards import reward_stats
+from alignment.sampling import truncate_at_stop
 
 
 def test_gae_hand_derived():
@@ -122,7 +123,7 @@ def test_kl_controllers_hand_derived():
 
 def test_truncate_at_stop():
     """Tokens after the first stop id become padding; the stop token stays in the response mask."""
-    resp, mask, ended = truncate_at_stop(torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8]]), stop_ids=[3, 4], pad_id=1)
+    resp, mask, ended = truncate_at_stop(torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8]]), stop_ids=[3, 4], pad=1)
     assert resp.tolist() == [[5, 3, 1, 1], [5, 6, 7, 8]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert ended.tolist() == [True, False]

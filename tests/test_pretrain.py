@@ -100,19 +100,20 @@ def test_sigkill_then_resume_is_bitwise_identical(packed, tiny_tokenizer_dir, tm
     cmd = [sys.executable, "-m", "alignment.cli", "pretrain", *_argv(killed)]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    first = tmp_path / "killed" / "ckpt" / "step_0000004.pt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    first = tmp_path / ".killed.partial" / "ckpt" / "step_0000004.pt"  # a run works in a partial sibling
+    while not first.exists() and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     from pretrain.checkpoint import list_checkpoints
 
-    left = list_checkpoints(tmp_path / "killed" / "ckpt")
+    left = list_checkpoints(tmp_path / ".killed.partial" / "ckpt")
     assert left and int(left[-1].stem.split("_")[1]) < steps, "the run should have been killed mid-way"
-    r = subprocess.run(cmd + ["--resume", "true"], capture_output=True, text=True)
+    assert not (tmp_path / "killed").exists()  # nothing in place until the run finishes
+    r = subprocess.run(cmd, capture_output=True, text=True)  # the same command again: it resumes by itself
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming at step" in r.stdout + r.stderr
     a, b = _final_weights(ref.output_dir), _final_weights(killed.output_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(ref.output_dir) == _losses(killed.output_dir)  # every step's loss, bitwise
@@ -162,11 +163,12 @@ def test_bad_inputs_are_one_line_errors(packed, tiny_tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     main(_cfg(packed, tiny_tokenizer_dir, run, max_steps=4, save_interval=2))
     # an existing run is not silently overwritten
-    with pytest.raises(UserError, match="already has checkpoints"):
+    with pytest.raises(UserError, match=r"output directory exists \(a finished run\); pass --overwrite true"):
         main(_cfg(packed, tiny_tokenizer_dir, run, max_steps=4))
     # --resume with an incompatible config
     with pytest.raises(UserError, match=r"resume: .* was made with seq_len=32 but the config gives seq_len=16"):
         main(_cfg(packed, tiny_tokenizer_dir, run, max_steps=8, seq_len=16, resume=True))
+    assert not (tmp_path / ".run.partial").exists()  # refused before anything was written
     # a truncated checkpoint, through the command line: one line, exit 2
     last = run / "ckpt" / "step_0000004.pt"
     last.write_bytes(last.read_bytes()[:1000])
@@ -184,7 +186,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(packed, tiny_tokenizer_di
         main(cfg)
     from pretrain.checkpoint import list_checkpoints, load_checkpoint
 
-    good = load_checkpoint(list_checkpoints(tmp_path / "nan" / "ckpt")[-1])
+    good = load_checkpoint(list_checkpoints(tmp_path / ".nan.partial" / "ckpt")[-1])
     assert all(torch.isfinite(v).all() for v in good["model"].values())
 
 

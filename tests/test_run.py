@@ -34,16 +34,21 @@ def test_stage_names():
 
 
 def test_run_skips_finished_stages_redoes_from_and_reports(tmp_path, tiny_model_dir, capsys):
-    rec = _recipe(tmp_path, ["data", "tokenizer"], {"models": [f"random={tiny_model_dir}"], "qa_file": str(tmp_path / "runs/data/qa/test.jsonl"),
-                                                    "qa_limit": 2, "max_new_tokens": 4})
-    cli([str(rec)])
+    rec = _recipe(tmp_path, ["data", "tokenizer", "eval_random"])
     runs = tmp_path / "runs"
+    (rec / "eval_random.yaml").write_text(f"# align eval --config {rec}/eval_random.yaml\nmodel: {tiny_model_dir}\n"
+                                          f"output: {runs}/eval/random.json\ntasks: [answers]\nlog_samples: true\n"
+                                          f"answer_files: [{runs}/data/qa/test.jsonl]\nlimit: 4\nanswer_max_new_tokens: 4\n")
+    cli([str(rec)])
     assert (runs / "tokenizer/tokenizer.json").is_file() and (runs / "stages/data.json").is_file()
     report = (runs / "report.md").read_text()
     assert "| data | ran |" in report and "| random |" in report and (runs / "report_times.png").stat().st_size > 1000
     assert (runs / "report_models.png").is_file()
+    # the report's numbers are the eval report's numbers
     data = json.loads((runs / "report.json").read_text())
-    assert data["models"]["random"]["answer_accuracy"] in (0.0, 0.5, 1.0)
+    evald = json.loads((runs / "eval/random.json").read_text())["results"]["answers"]
+    assert data["headline"]["random"]["answer accuracy"] == evald["answer_accuracy"]
+    assert data["models"]["random"]["answers"]["n"] == 4 and "### Sample answers: random" in report
 
     first_tok = (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -70,19 +75,11 @@ def test_failing_stage_stops_the_run_with_its_error(tmp_path):
         main(str(rec), PipelineConfig(stages=["data", "sft_missing"], output_dir=str(tmp_path / "runs")))
 
 
-def test_report_rows_merge_answer_metrics_with_eval_reports():
-    from recipes.run import report_rows
-
-    rows = report_rows({"sft": {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "samples": []}},
-                       {"eval_sft": {"results": {"mmlu_tinyworld": {"acc": 0.6, "n": 80, "name": "x"}}}, "eval_base": {"results": {"ppl": {"bpb": 1.5}}}})
-    assert rows["sft"] == {"answer_accuracy": 0.5, "answer_accuracy_stderr": 0.1, "well_formed_rate": 1.0, "mmlu_tinyworld/acc": 0.6, "mmlu_tinyworld/n": 80}
-    assert rows["base"] == {"ppl/bpb": 1.5}
-
-
-def test_report_without_a_checker_drops_unmeasured_columns_and_shows_win_rate_samples(tmp_path):
+def test_report_table_comes_from_eval_reports_and_drops_unmeasured_columns(tmp_path):
     """A real-data recipe has no tiny-world checker: its table keeps the measured columns only, and the sample answers
     come from the eval stage's win-rate log."""
-    from recipes.run import winrate_samples, write_report
+    from evals.report import write_pipeline_report
+    from recipes.run import sample_records
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -90,11 +87,11 @@ def test_report_without_a_checker_drops_unmeasured_columns_and_shows_win_rate_sa
         {"task": "win_rate", "doc_id": i, "prompt": [{"role": "user", "content": f"question {i}"}], "policy_response": f"answer {i}",
          "reference_response": "ref", "policy_reward": 0.25 * i, "reference_reward": -0.5} for i in range(5)]
     (out / "ppo.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    sampled = winrate_samples(str(out / "ppo.json"))
-    assert [r["doc_id"] for r in sampled] == [0, 1, 2] and winrate_samples(str(out / "none.json")) == []
-    metrics = {"eval_ppo": {"results": {"perplexity": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.1},
-                                        "win_rate": {"win_rate": 0.4, "win_rate_stderr": 0.02, "kl": 4.0}}}}
-    text = write_report(tmp_path, "toy", [{"name": "eval_ppo", "status": "ran", "seconds": 1.0}], {}, metrics, {"ppo": sampled}).read_text()
+    sampled = sample_records(str(out / "ppo.json"))
+    assert [r["doc_id"] for r in sampled] == [0, 1, 2] and sample_records(str(out / "none.json")) == []
+    reports = {"ppo": {"results": {"perplexity": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.1},
+                                   "win_rate": {"win_rate": 0.4, "win_rate_stderr": 0.02, "kl": 4.0}}}}
+    text = write_pipeline_report(tmp_path, "toy", [{"name": "eval_ppo", "status": "ran", "seconds": 1.0}], reports, {"ppo": sampled}).read_text()
     assert "| model | bits/byte (held-out) | RM win rate vs SFT | KL to SFT (nats) |" in text
     assert "| ppo | 2.000 ± 0.100 | 0.400 ± 0.020 | 4.000 |" in text
     assert "- Q: question 2 → 'answer 2' (+0.50 vs -0.50)" in text and "question 3" not in text

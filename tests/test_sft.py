@@ -39,7 +39,7 @@ def test_full_sft_learns_and_stops_at_end_of_turn(tiny_model_dir, sft_data, tmp_
     assert s["changed_tensors"] == s["trainable_tensors"] > 0 and s["adapter"] is None
     assert s["eval_loss"] < 1.5  # from ~6.1 (= ln 447, uniform) at init
     merged = out / "merged"
-    assert (out / "config.yaml").is_file() and not list(out.glob(".merged.tmp-*"))
+    assert (out / "config.yaml").is_file() and not list(tmp_path.glob(".sft*"))  # no partial or temp left behind
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tok = AutoTokenizer.from_pretrained(merged)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -78,11 +78,12 @@ def test_interrupted_sft_resumes_from_last_checkpoint(tiny_model_dir, sft_data, 
     interrupt_after(monkeypatch, SFTTrainer, 4)
     with pytest.raises(Interrupt):
         run_sft(tiny_model_dir, sft_data, out, max_steps=6, save_steps=2, model_kw=lora_kwargs(tiny_model_dir))
-    assert (out / "checkpoint-4").is_dir() and not (out / "merged").exists()
+    assert (tmp_path / ".sft-resume.partial" / "checkpoint-4").is_dir() and not out.exists()  # nothing in place yet
     calls = interrupt_after(monkeypatch, SFTTrainer, None)
     s = run_sft(tiny_model_dir, sft_data, out, max_steps=6, save_steps=2, model_kw=lora_kwargs(tiny_model_dir))
     assert s["resumed_from"].endswith("checkpoint-4") and s["steps"] == 6 and calls["n"] == 2
-    with pytest.raises(UserError, match="stage already finished"):
+    assert not (tmp_path / ".sft-resume.partial").exists()
+    with pytest.raises(UserError, match="output directory exists \\(a finished run\\); pass --overwrite true"):
         run_sft(tiny_model_dir, sft_data, out, max_steps=6)
 
 
@@ -99,6 +100,6 @@ def test_cli_bad_input_is_one_line_exit_2_without_output(tiny_model_dir, sft_dat
 
 def test_unknown_role_in_data_names_the_row(tiny_model_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", sft_rows(3) + [{"messages": [{"role": "narrator", "content": "x"}]}])
-    with pytest.raises(UserError, match=r"bad.jsonl: row 4: messages\[0\]: unknown role 'narrator'"):
+    with pytest.raises(UserError, match=r"bad.jsonl:4: messages\[0\]: unknown role 'narrator'"):
         run_sft(tiny_model_dir, (bad, bad), tmp_path / "o")
     assert not (tmp_path / "o").exists()

@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 
 from alignment.errors import UserError
-from alignment.tinyworld import (ATTRIBUTES, REJECTED_KINDS, TinyWorldConfig, answer_accuracy, check, cli, main, read_jsonl, well_formed)
+from alignment.data import read_file_rows
+from alignment.tinyworld import ATTRIBUTES, REJECTED_KINDS, TinyWorldConfig, check, cli, main, well_formed
 
 FILES = ["corpus/train.jsonl", "corpus/heldout.jsonl", "sft/train.jsonl", "sft/eval.jsonl", "preference/train.jsonl",
          "preference/test.jsonl", "rl/prompts.jsonl", "qa/test.jsonl", "mmlu/dev/tinyworld_dev.csv", "mmlu/test/tinyworld_test.csv",
-         "world.json", "stats.json", "config.yaml"]
+         "world.json", "stats.json", ".align-suite.json", "config.yaml"]
+
+
+def read_jsonl(path) -> list:
+    return [r.data for r in read_file_rows(path)]
 
 
 def small_cfg(out, seed=0, **kw) -> TinyWorldConfig:
@@ -37,7 +42,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(world_dir
     main(small_cfg(again))
     main(small_cfg(other, seed=1))
     assert sorted(p.relative_to(world_dir).as_posix() for p in world_dir.rglob("*") if p.is_file()) == sorted(FILES)
-    for rel in FILES[:-1]:  # config.yaml differs only by the output path it records
+    for rel in FILES[:-2]:  # config.yaml differs only by the output path it records, the marker by its time
         assert (world_dir / rel).read_bytes() == (again / rel).read_bytes(), rel
     assert (world_dir / "corpus/train.jsonl").read_bytes() != (other / "corpus/train.jsonl").read_bytes()
     assert (world_dir / "world.json").read_bytes() != (other / "world.json").read_bytes()
@@ -154,31 +159,33 @@ def test_well_formed():
     assert not well_formed(" ".join(["and so on"] * 20) + ".", stopped=True)
 
 
-def test_answer_accuracy_scores_generations(world_dir, tiny_model_dir, monkeypatch):
-    import alignment.tinyworld as tw
+def test_answers_task_scores_generations(world_dir, tiny_model_dir, monkeypatch):
+    """The `answers` eval task: checked answers with hand-derived rates, then the real greedy path on a random model."""
+    import alignment.sampling as sampling
+    from alignment.sampling import FINISH_LENGTH, FINISH_STOP, Completion
+    from evals.generative import evaluate_answers, read_answer_rows
+    from evals.scoring import scoring_model
 
-    qa = read_jsonl(world_dir / "qa/test.jsonl")
-    gold = {r["prompt"][0]["content"]: r for r in qa}
+    rows = read_answer_rows([str(world_dir / "qa/test.jsonl")], "tinyworld", limit=4)
+    texts = [f"The answer is {rows[0]['answer']}.", f"The answer is {rows[1]['answer']}.", "Go away", "The answer is"]
 
-    def fake_generate(model_dir, prompts, **kw):  # the scoring half, with known replies: 2 right, then wrong/unstopped
-        out = []
-        for i, p in enumerate(prompts):
-            r = gold[p[-1]["content"]]
-            good = f"The answer is {r['answer']}."
-            out.append({"text": good if i < 2 else "Go away", "stopped": i < 3})
-        return out
+    def fake_generate(model, tok, prompts, params, **kw):  # 2 right and stopped, 1 wrong and stopped, 1 cut off
+        return [[Completion([], t, FINISH_STOP if i < 3 else FINISH_LENGTH, 0)] for i, t in enumerate(texts[:len(prompts)])]
 
-    monkeypatch.setattr(tw, "generate_answers", fake_generate)
-    res = answer_accuracy("unused", world_dir / "qa/test.jsonl", limit=4)
-    assert res["n"] == 4 and res["answer_accuracy"] == 0.5 and res["well_formed_rate"] == 0.5 and res["stopped_rate"] == 0.75
-    assert res["samples"][0]["correct"] and not res["samples"][3]["correct"]
+    lm = scoring_model(str(tiny_model_dir))
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    res, samples = evaluate_answers(lm, rows, batch_size=2)
+    # well-formed: stopped, ends with punctuation, <= 30 words: the first two only ("Go away" has no period)
+    assert (res["n"], res["answer_accuracy"], res["well_formed_rate"], res["stopped_rate"]) == (4, 0.5, 0.5, 0.75)
+    assert res["answer_accuracy_stderr"] == pytest.approx((0.5 * 0.5 * 4 / 3 / 4) ** 0.5)
+    assert [s["correct"] for s in samples] == [True, True, False, False]
     monkeypatch.undo()
-    # the real generation path on a random tiny model: it runs, and it stops only at <|im_end|> / end of text
-    res = answer_accuracy(tiny_model_dir, world_dir / "qa/test.jsonl", limit=3, max_new_tokens=6)
-    assert res["n"] == 3 and 0 <= res["answer_accuracy"] <= 1 and len(res["samples"]) == 3
-    gens = tw.generate_answers(tiny_model_dir, [r["prompt"] for r in qa[:2]], max_new_tokens=6)
-    for g in gens:
-        assert "<|im_end|>" not in g["text"] and (g["stopped"] or len(g["text"]) > 0)
+    # the real path on a random tiny model: greedy, deterministic, and the text never holds the stop token
+    res1, s1 = evaluate_answers(lm, rows[:3], max_new_tokens=6)
+    res2, s2 = evaluate_answers(lm, rows[:3], max_new_tokens=6, batch_size=1)
+    assert [s["answer"] for s in s1] == [s["answer"] for s in s2]  # batch size does not change greedy answers
+    assert all("<|im_end|>" not in s["answer"] for s in s1)
+    assert res1["answer_accuracy"] == sum(check(r, s["answer"]) for r, s in zip(rows, s1)) / 3
 
 
 def test_cli_writes_data_and_bad_input_is_one_line(tmp_path):
