@@ -1,5 +1,6 @@
 # make setup: create .venv from nothing (idempotent; quick when already done)
-# make test:  setup + the offline test suite
+# make lint:  setup + ruff over the whole tree
+# make test:  setup + lint + the offline test suite
 # make demo:  setup + the embedded default pipeline on generated data, fully offline
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ PIP    := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 STAMP  := $(VENV)/.setup-done
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test demo clean bench
+.PHONY: setup lint test demo clean bench
 
 setup: $(STAMP)
 
@@ -19,7 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -q -e '.[dev]'
 	@touch $(STAMP)
 
-test: setup
+# ruff (configured in pyproject.toml): pyflakes and pycodestyle, lines up to 150 characters
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(OFFLINE) $(PY) -m pytest -q tests
 
 demo: setup

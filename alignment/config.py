@@ -69,6 +69,8 @@ def _closest(key: str, valid: list[str]) -> str:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is not None:  # list[str], str | None: the annotation as written
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -37,22 +37,52 @@ def _temp_prefix(name: str, kind: str) -> str:
     return f".{name}.{kind}-{os.getpid()}-"
 
 
-def clean_stale_temps(path: str | os.PathLike) -> int:
-    """Remove temp siblings of `path` (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`) left by dead writers; returns how many."""
+_TEMP_RE = None
+
+
+def clean_stale_temps(path: str | os.PathLike, recursive: bool = False) -> int:
+    """Remove the temp files and directories (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`) that writers which died left
+    beside `path` (or, for a directory with `recursive`, anywhere inside it too); returns how many were removed."""
+    import re
+
+    global _TEMP_RE
+    _TEMP_RE = _TEMP_RE or re.compile(r"^\..+\.(tmp|old)-(\d+)-")
     p = Path(path)
-    if not p.parent.is_dir():
-        return 0
+    places = [p.parent] + ([d for d in [p, *p.rglob("*")] if d.is_dir()] if recursive and p.is_dir() else [])
     n = 0
-    for kind in ("tmp", "old"):
-        for t in p.parent.glob(f".{p.name}.{kind}-*"):
-            try:
-                pid = int(t.name[len(f".{p.name}.{kind}-"):].split("-")[0])
-            except ValueError:
-                continue
-            if pid != os.getpid() and not _pid_alive(pid):
+    for place in places:
+        if not place.is_dir():
+            continue
+        for t in list(place.iterdir()):
+            m = _TEMP_RE.match(t.name)
+            if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
                 shutil.rmtree(t, ignore_errors=True) if t.is_dir() else t.unlink(missing_ok=True)
                 n += 1
     return n
+
+
+def check_writable_file(path: str | os.PathLike, suffix: str | None = None) -> Path:
+    """Refuse an output file path that cannot be written (a directory, an unwritable parent) before any work."""
+    p = Path(path)
+    if suffix and p.suffix != suffix:
+        raise UserError(f"{p}: the output path must end in {suffix}")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory; expected an output file path")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{p}: cannot write there ({parent} is not a writable directory)")
+    return p
+
+
+def check_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
+    """Before a trainer resumes from `checkpoint_dir`, make sure every .pt / .pth / .bin file in it holds only tensors
+    and plain values (a crafted pickle is refused with one line instead of running)."""
+    for f in sorted(Path(checkpoint_dir).glob("*")):
+        # training_args.bin is a pickle transformers writes but never reads back on resume: it is not loaded here either
+        if f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":
+            safe_torch_load(f, "checkpoint file")
 
 
 def is_suite_dir(path: str | os.PathLike) -> bool:
@@ -88,9 +118,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, stage: str = ""
 
     The previous `path` stays byte-identical until the very end, when it is swapped out in two renames."""
     final = check_output_dir(path, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "tmp"), dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(final)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final.name, "tmp"), dir=final.parent))
+    except OSError as e:
+        raise UserError(f"{final}: cannot write the output ({e.strerror}); expected a writable location") from None
     try:
         yield tmp
         write_marker(tmp, stage)
@@ -114,9 +147,12 @@ def replace_dir(src: Path, final: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temporary sibling and rename, so readers never see half a file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(p)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p.name, "tmp"), dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(p)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p.name, "tmp"), dir=p.parent)
+    except OSError as e:
+        raise UserError(f"{p}: cannot write the file ({e.strerror}); expected a writable location") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -235,14 +271,22 @@ class StageRun:
         if self.work.is_dir():
             if self.matching_partial():
                 self.resumed = True
+                clean_stale_temps(self.work, recursive=True)  # half-written files of the killed run
                 return self.work
             if not state.is_file():
                 raise UserError(f"{self.work}: exists and was not written by this suite; expected to use it for the run in progress")
             shutil.rmtree(self.work)  # ours, from a run with another config or inputs: its checkpoints do not apply
-        self.work.mkdir(parents=True)
-        state.write_text(json.dumps({"stage": self.stage, "fingerprint": self.fingerprint,
-                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, default=str) + "\n")
+        try:
+            self.work.mkdir(parents=True)
+            state.write_text(json.dumps({"stage": self.stage, "fingerprint": self.fingerprint,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, default=str) + "\n")
+        except OSError as e:
+            raise UserError(f"output_dir: {self.final}: cannot write beside it ({e.strerror}); expected a writable location") from None
         return self.work
+
+    def discard(self) -> None:
+        """Remove the work directory (a run that finished but was rejected: nothing in it is worth resuming)."""
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def commit(self) -> Path:
         """Swap the finished work directory into place as the output (the previous output is removed last)."""

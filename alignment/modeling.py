@@ -41,6 +41,12 @@ def local_model_dir(path, where: str = "model") -> Path:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UserError(f"{where}: {path}: no config.json; expected a Hugging Face model directory")
+        try:
+            cfg = json.loads((p / "config.json").read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: {p / 'config.json'}: not valid JSON ({str(e).splitlines()[0][:100]}); expected a model config") from None
+        if not isinstance(cfg, dict) or "model_type" not in cfg:
+            raise UserError(f"{where}: {p / 'config.json'}: no model_type; expected a Hugging Face model config")
         return p
     if p.exists():
         raise UserError(f"{where}: {path}: not a directory; expected a Hugging Face model directory")
@@ -55,6 +61,17 @@ def local_model_dir(path, where: str = "model") -> Path:
     except Exception as e:
         why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else f"not reachable on the hub ({type(e).__name__})"
         raise UserError(f"{where}: {path}: neither a local model directory nor a hub model that can be loaded: {why}") from None
+
+
+def load_config(path, where: str = "model"):
+    """The transformers config of a model directory or hub name (one clear line when it cannot be read)."""
+    from transformers import AutoConfig
+
+    local_model_dir(path, where)
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{where}: {path}: unreadable model config ({' '.join(str(e).split())[:160]}); expected a known architecture") from None
 
 
 def check_model_dir(path, where: str = "model") -> str:
@@ -338,13 +355,6 @@ def model_hash(path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def tokenizer_hash(path) -> str:
-    """The tokenizer hash (alignment.tokens.tokenizer_hash) of a model directory or hub name."""
-    from .tokens import tokenizer_hash as hash_dir
-
-    return hash_dir(local_model_dir(path))
 
 
 def context_length(model_or_config) -> int:

@@ -82,10 +82,12 @@ class OnlineRLArguments:
     reward_load_in_8bit: bool = field(default=False, metadata={"help": "Load the reward model in 8-bit (bitsandbytes)."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a response that never reaches end of turn."})
-    prompts: str = field(default="runs/tiny/data/rl/prompts.jsonl", metadata={"help": "Prompts .jsonl(.gz): {'prompt': messages} rows or HH dialogues."})
+    prompts: str = field(default="runs/tiny/data/rl/prompts.jsonl", metadata={"help": "Prompts .jsonl(.gz): {'prompt': messages} rows or HH "
+                                                                                      "dialogues."})
     max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts (0 = all).", "range": (0, None, True, True, ())})
     long_prompts: str = field(default="error", metadata={"help": "A prompt too long for the context: 'error' (stop, naming it) or 'skip' (count)."})
-    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default). 1 is several times faster for tiny models on a busy machine."})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default). 1 is several times faster for tiny models on "
+                                                          "a busy machine."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished output directory (one the suite wrote)."})
 
 

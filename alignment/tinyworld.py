@@ -128,7 +128,7 @@ class TinyWorldConfig:
 
     output: str = field(default="runs/tiny/data", metadata={"help": "Output directory."})
     seed: int = field(default=0, metadata={"help": "World seed: the same seed gives byte-identical files."})
-    num_people: int = field(default=16, metadata={"help": "People in the world (at most 48, even)."})
+    num_people: int = field(default=16, metadata={"help": "People in the world (even, from 6 to 48)."})
     eval_fraction: float = field(default=0.5, metadata={"help": "Fraction of facts held out for evaluation."})
     statement_repeats: int = field(default=16, metadata={"help": "Plain statements of each fact in the training corpus."})
     num_stories: int = field(default=100, metadata={"help": "Short stories in the training corpus."})
@@ -163,7 +163,8 @@ def world_facts(world: dict) -> list[dict]:
     for n in names:
         p = world["people"][n]
         for a in PERSON_ATTRIBUTES:
-            facts.append({"kind": "person", "entity": n, "attribute": a, "answer": p[a], "choices": list(ATTRIBUTES[a]["values"]), "unit": f"{n}/{a}"})
+            facts.append({"kind": "person", "entity": n, "attribute": a, "answer": p[a], "choices": list(ATTRIBUTES[a]["values"]),
+                          "unit": f"{n}/{a}"})
         pair = sorted([n, p["friend"]])
         facts.append({"kind": "relation", "entity": n, "attribute": "friend", "answer": p["friend"], "choices": list(names),
                       "unit": f"friends/{pair[0]}/{pair[1]}"})  # both directions of a pair share one split
@@ -451,8 +452,9 @@ def _csv(rows: list[list]) -> str:
 
 
 def _check_cfg(cfg: TinyWorldConfig) -> None:
-    if not 4 <= cfg.num_people <= len(NAMES) or cfg.num_people % 2:
-        raise UserError(f"num_people: {cfg.num_people}; expected an even number from 4 to {len(NAMES)}")
+    # a best-friend question has four choices: the answer and three other people besides the one asked about
+    if not 6 <= cfg.num_people <= len(NAMES) or cfg.num_people % 2:
+        raise UserError(f"num_people: {cfg.num_people}; expected an even number from 6 to {len(NAMES)}")
     if not 0 < cfg.eval_fraction < 1:
         raise UserError(f"eval_fraction: {cfg.eval_fraction}; expected a number between 0 and 1")
     if cfg.num_faqs < 0:

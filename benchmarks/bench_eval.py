@@ -73,10 +73,10 @@ def main(argv=None) -> list[dict]:
 
     from lm_eval.models.huggingface import HFLM
 
-    from evals.scoring import load_model
+    from evals.scoring import scoring_model
 
     torch.manual_seed(0)
-    lm_ours = load_model(args.model)
+    lm_ours = scoring_model(args.model)
     hflm = HFLM(pretrained=args.model, dtype="float32", device=str(next(lm_ours.model.parameters()).device), batch_size=args.batch_size)
     subjects = [s for s in args.subjects.split(",") if s] or None
     rows = []

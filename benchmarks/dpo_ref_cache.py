@@ -37,6 +37,7 @@ def main() -> None:
     from pretrain.export import main as export
     from pretrain.tokenizer import TokenizerConfig
     from pretrain.tokenizer import main as train_tokenizer
+    from alignment.config import StageConfig
     from recipes.dpo import DPOScriptArguments
     from recipes.dpo import main as dpo
 
@@ -62,7 +63,7 @@ def main() -> None:
         for name, beta, loss in (("computed", 0.1, "sigmoid"), ("cached", 0.5, "ipo")):
             ref_seconds["t"] = 0.0
             t0 = time.perf_counter()
-            s = dpo((DPOScriptArguments(train_data=[train], eval_data=[test], ref_cache_dir=str(d / "cache")),
+            s = dpo(StageConfig(DPOScriptArguments(train_data=[train], eval_data=[test], ref_cache_dir=str(d / "cache")),
                      DPOConfig(output_dir=str(d / name), use_cpu=True, bf16=False, report_to="none", disable_tqdm=True,
                                max_steps=a.steps, per_device_train_batch_size=8, max_length=64, beta=beta, loss_type=[loss],
                                save_strategy="no"),

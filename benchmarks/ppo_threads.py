@@ -37,17 +37,18 @@ def time_updates(model_dir: Path, threads: int, updates: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignment.ppo import PPO, PPOHyper, ValueHead, encode_prompts
+    from alignment.data import Row, encode_prompts
+    from alignment.ppo import PPO, PPOHyper, ValueHead
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     policy = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
-    hp = PPOHyper(rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=2, response_length=32, missing_eos_penalty=0.0)
-    rows = [(i, [{"role": "user", "content": f"Where is the cat {i}?"}]) for i in range(32)]
-    prompts = encode_prompts(tok, rows, base.config.max_position_embeddings, hp.response_length, "prompts")
-    score = lambda p, t, r, m: m.sum(1).float() / 10  # noqa: E731  (a cheap stand-in reward)
+    hp = PPOHyper(rollout_batch_size=16, mini_batch_size=8, num_ppo_epochs=2, response_length=32)
+    rows = [Row({"prompt": [{"role": "user", "content": f"Where is the cat {i}?"}]}, f"prompts:{i}") for i in range(32)]
+    prompts = encode_prompts(tok, rows, base.config.max_position_embeddings, hp.response_length)
+    score = lambda rows, completions: torch.tensor([len(c.token_ids) / 10 for c in completions])  # noqa: E731  (a cheap stand-in reward)
     ppo = PPO(policy, ValueHead(base.config.hidden_size), tok, score, prompts, hp, [tok.eos_token_id])
     ppo.update()  # warm-up
     t = time.perf_counter()

@@ -3,9 +3,11 @@
     align compare runs/tiny/eval/base.json runs/tiny/eval/sft.json runs/tiny/eval/dpo.json --output runs/tiny/eval/compare.md
 
 One row per (task, metric), one column per report. A delta is marked `~` (noise) when it is within two standard
-errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when its version, n, n-shot and
-scoring agree across reports, and perplexities only when the tokenizer hashes agree (bits per byte excepted: it does
-not depend on the tokenizer); otherwise compare refuses (exit status 2) unless --force. Writes Markdown and a PNG.
+errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when its protocol agrees across
+reports (version, n, n-shot, scoring, chat template), the items actually scored are the same (their hash), preference
+tasks used the same reward and reference models and sampling settings, and perplexities come from the same tokenizer
+(bits per byte excepted: it does not depend on the tokenizer); otherwise compare refuses (exit status 2) naming the
+difference, unless --force. Writes Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from alignment.io import atomic_write_bytes, atomic_write_text
 
 from .report import HEADLINE, LOWER_IS_BETTER, fmt, load_report
 
-PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "stride")
+# what must agree for two numbers of a task to be comparable: the protocol, the items actually scored (their hash), the
+# judge and the reference of preference tasks, and how responses were sampled
+PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "stride", "data_hash", "reward_model_hash",
+                 "reference_model_hash", "temperature", "max_new_tokens", "num_samples")
 TOKENIZER_DEPENDENT = {"word_perplexity", "byte_perplexity", "token_perplexity", "loss"}
 
 
@@ -31,7 +36,8 @@ class CompareConfig:
     """Reports to compare and where to write the table."""
 
     reports: list[str] = field(default_factory=list, metadata={"help": "Report JSON files; the first is the baseline."})
-    output: str | None = field(default=None, metadata={"help": "Markdown path (default: compare.md beside the first report); a .png is written beside it."})
+    output: str | None = field(default=None, metadata={"help": "Markdown path (default: compare.md beside the first report); a .png is written "
+                                                               "beside it."})
     labels: list[str] = field(default_factory=list, metadata={"help": "Column names (default: each report's file stem)."})
     force: bool = field(default=False, metadata={"help": "Compare even when protocols or tokenizers differ (marked in the table)."})
 

@@ -11,6 +11,7 @@ markers) and how often generation stopped before max_new_tokens.
 
 from __future__ import annotations
 
+from alignment.data import fingerprint
 from alignment.errors import UserError
 from alignment.stats import mean_stderr
 
@@ -53,7 +54,7 @@ def evaluate_answers(lm: ScoringModel, rows: list[dict], max_new_tokens: int = 4
     formed = [float(well_formed(g.text, g.stopped)) for g in gens]
     stopped = [float(g.stopped) for g in gens]
     out = {"task": "answers", "version": ANSWERS_VERSION, "n": len(rows), "num_fewshot": 0, "scoring": "greedy+tinyworld_checker",
-           "max_new_tokens": max_new_tokens, "source": source}
+           "max_new_tokens": max_new_tokens, "source": source, "data_hash": fingerprint(rows)}
     for name, values in (("answer_accuracy", correct), ("well_formed_rate", formed), ("stopped_rate", stopped)):
         out[name], out[f"{name}_stderr"] = mean_stderr(values)
     question = lambda r: r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"]  # noqa: E731

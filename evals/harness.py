@@ -39,7 +39,8 @@ class EvalConfig:
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter directory applied to --model."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit with bitsandbytes."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 with bitsandbytes."})
-    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"], metadata={"help": f"Any of {', '.join(TASKS)} (comma-separated or repeated)."})
+    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"],
+                             metadata={"help": f"Any of {', '.join(TASKS)} (comma-separated or repeated)."})
     output: str = field(default="runs/tiny/eval/report.json", metadata={"help": "Report path (.json); .md and .png are written beside it."})
     # perplexity
     perplexity_files: list[str] = field(default_factory=list, metadata={"help": "Text files (.txt/.jsonl/.json/.parquet, globs) to score."})
@@ -59,7 +60,8 @@ class EvalConfig:
     apply_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template (empty target delimiter)."})
     fewshot_as_multiturn: bool = field(default=True, metadata={"help": "With a chat template: shots as user/assistant turns (lm-eval's default)."})
     # preference and generation
-    preference_files: list[str] = field(default_factory=list, metadata={"help": "Preference pairs (.jsonl/.jsonl.gz: TRL rows or hh-rlhf dialogues)."})
+    preference_files: list[str] = field(default_factory=list, metadata={"help": "Preference pairs (.jsonl/.jsonl.gz: TRL rows or hh-rlhf "
+                                                                                "dialogues)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (sequence classification, 1 label)."})
     reference_model: str | None = field(default=None, metadata={"help": "Reference policy for DPO accuracy, win rate and KL."})
     beta: float = field(default=0.1, metadata={"help": "DPO beta of the implicit reward."})
@@ -111,7 +113,13 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """Run every configured task on the model; returns (report dict, samples)."""
     from .scoring import scoring_model
 
+    from alignment.io import check_writable_file
+
     t0 = time.time()
+    check_writable_file(cfg.output, ".json")
+    from alignment.modeling import check_model_dir
+
+    check_model_dir(cfg.model, "model")
     tasks = _task_list(cfg.tasks)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -170,6 +178,9 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
 
             check_model_dir(getattr(cfg, name), name)
     lm = scoring_model(cfg.model, cfg.adapter, cfg.load_in_8bit, cfg.load_in_4bit, device=cfg.device)
+    for name, on in (("max_new_tokens", prompts is not None), ("answer_max_new_tokens", answer_rows is not None)):
+        if on and getattr(cfg, name) >= lm.max_length:
+            raise UserError(f"{name}: {getattr(cfg, name)} leaves no room for a prompt in the model's context of {lm.max_length} tokens")
     results: dict = {}
     samples: list[dict] = []
     if docs is not None:

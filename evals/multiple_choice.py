@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment.data import fingerprint
 from alignment.errors import UserError
 from alignment.tokens import encode_chat, encode_text
 
@@ -72,47 +73,37 @@ def _row(question, choices, answer, where: str) -> dict:
     return {"question": question, "choices": [str(c) for c in choices], "answer": _answer_index(answer, where)}
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows {question, choices, answer(0-3), subject?} of an MMLU file: original CSV (no header, letter answers),
-    CSV with header `question,choice0..choice3,answer`, or JSONL/parquet in the cais/mmlu layout."""
+def read_mc_rows(path: str | Path) -> list[dict]:
+    """Rows {question, choices, answer(0-3), subject?} of an MMLU file, read by the suite's one reader
+    (alignment.data): original CSV (no header, letter answers), CSV with header `question,choice0..choice3,answer`,
+    or JSONL/parquet in the cais/mmlu layout."""
+    from alignment.data import read_file_rows, read_text
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: task file not found")
+    if p.suffix not in (".csv", ".jsonl", ".parquet"):
+        raise UserError(f"{p}: unsupported task file type; expected .csv, .jsonl or .parquet")
     rows: list[dict] = []
     if p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            table = list(csv.reader(f))
-        has_header = bool(table) and [c.strip().lower() for c in table[0][:1]] == ["question"]
-        start = 1 if has_header else 0
-        for i, rec in enumerate(table[start:], start=start + 1):
-            if not rec:
-                continue
-            if len(rec) < 3:
-                raise UserError(f"{p}:{i}: expected question, 4 choices and answer, got {len(rec)} fields")
-            rows.append(_row(rec[0], rec[1:-1], rec[-1], f"{p}:{i}"))
-    elif p.suffix in (".jsonl", ".parquet"):
-        if p.suffix == ".jsonl":
-            raw = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        raw.append((i, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-        else:
-            import pyarrow.parquet as pq
-
-            raw = list(enumerate(pq.read_table(p).to_pylist(), start=1))
-        for i, rec in raw:
-            where = f"{p}:{i}"
+        first = next(csv.reader(io.StringIO(read_text(p))), [])
+        header = [c.strip().lower() for c in first[:1]] == ["question"]
+        width = len(first)
+        if width < 3:
+            raise UserError(f"{p}:1: expected question, 4 choices and answer, got {width} fields")
+        names = None if header else ["question"] + [f"choice{i}" for i in range(width - 2)] + ["answer"]
+        for r in read_file_rows(p, fieldnames=names):
+            cells = list(r.data.values())
+            rows.append(_row(cells[0], cells[1:-1], cells[-1], r.where))
+    else:
+        for r in read_file_rows(p):
+            rec = r.data
             if not isinstance(rec, dict) or not {"question", "choices", "answer"} <= set(rec):
-                raise UserError(f"{where}: expected fields question, choices, answer (cais/mmlu layout)")
-            row = _row(rec["question"], rec["choices"], rec["answer"], where)
+                raise UserError(f"{r.where}: expected fields question, choices, answer (cais/mmlu layout)")
+            row = _row(rec["question"], rec["choices"], rec["answer"], r.where)
             if rec.get("subject"):
                 row["subject"] = str(rec["subject"])
             rows.append(row)
-    else:
-        raise UserError(f"{p}: unsupported task file type; expected .csv, .jsonl or .parquet")
     if not rows:
         raise UserError(f"{p}: no questions in the file")
     return rows
@@ -139,10 +130,10 @@ def load_tasks(mmlu_dir: str | None = None, test_files: list[str] | None = None,
     by_subject: dict[str, MCTask] = {}
     dev_rows: dict[str, list[dict]] = {}
     for path in devs:
-        for r in read_rows(path):
+        for r in read_mc_rows(path):
             dev_rows.setdefault(r.get("subject") or _subject_of(path, "dev"), []).append(r)
     for path in tests:
-        for r in read_rows(path):
+        for r in read_mc_rows(path):
             subj = r.get("subject") or _subject_of(path, "test")
             task = by_subject.setdefault(subj, MCTask(subject=subj, test=[], source=str(path)))
             task.test.append(r)
@@ -249,6 +240,7 @@ def evaluate_mc(lm: ScoringModel, tasks: list[MCTask], num_fewshot: int = 0, sco
         a, an = np.array(acc), np.array(acc_norm)
         results[task.name] = _mc_metrics(a, an, scoring)
         results[task.name].update(task=task.name, version=task.version, n=len(rows), num_fewshot=num_fewshot,
+                                  data_hash=fingerprint(rows + task.dev[:num_fewshot]),
                                   scoring=scoring, apply_chat_template=apply_chat_template, source=task.source,
                                   fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn)
         all_acc.append(a)
@@ -259,6 +251,7 @@ def evaluate_mc(lm: ScoringModel, tasks: list[MCTask], num_fewshot: int = 0, sco
         # macro stderr: the subject means are independent, so Var(mean of means) = sum(se^2) / k^2
         macro_se = math.sqrt(sum(_mean_stderr(a) ** 2 for a in all_acc)) / len(all_acc)
         micro.update(task="mmlu", version=MC_VERSION, n=int(sum(len(a) for a in all_acc)), num_fewshot=num_fewshot,
+                     data_hash=fingerprint([results[t.name]["data_hash"] for t in tasks]),
                      scoring=scoring, apply_chat_template=apply_chat_template, subjects=[t.subject for t in tasks],
                      acc_macro=float(np.mean(macro)), acc_macro_stderr=macro_se)
         results["mmlu"] = micro

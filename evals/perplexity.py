@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from alignment.data import fingerprint
 from alignment.errors import UserError
 from alignment.tokens import encode_text
 
@@ -81,6 +82,7 @@ def evaluate_perplexity(lm: ScoringModel, documents: list[str], name: str = "per
     loss = -ll.sum() / toks.sum()
     metrics = {
         "task": name, "version": PPL_VERSION, "n": len(documents), "num_fewshot": 0, "scoring": "loglikelihood_rolling",
+        "data_hash": fingerprint(documents),
         "stride": stride or lm.max_length, "max_length": lm.max_length, "tokenizer_hash": lm.tokenizer_hash,
         "tokens": int(toks.sum()), "words": int(words.sum()), "bytes": int(nbytes.sum()),
         "loss": float(loss), "token_perplexity": math.exp(loss),

@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from alignment.data import fingerprint
 from alignment.errors import UserError
+from alignment.modeling import model_hash
 from alignment.rewards import RewardModel
 from alignment.stats import mean_stderr, win_rate
 from alignment.tokens import encode_prompt, reply_ids
@@ -57,7 +59,7 @@ def evaluate_reward_accuracy(reward_model: str | RewardModel, pairs: list[dict],
     r = rm.score(prompts, replies).numpy()
     margin = r[0::2] - r[1::2]
     out = {"task": "reward_accuracy", "version": PREF_VERSION, "n": len(pairs), "num_fewshot": 0, "scoring": "reward",
-           "reward_model": rm.path, **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
+           "reward_model": rm.path, "reward_model_hash": model_hash(rm.path), "data_hash": fingerprint(pairs), **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
     samples = [{"task": "reward_accuracy", "doc_id": i, "chosen_reward": float(r[2 * i]), "rejected_reward": float(r[2 * i + 1])}
                for i in range(len(pairs))]
     return out, samples
@@ -84,7 +86,8 @@ def evaluate_dpo_accuracy(policy: str | ScoringModel, reference: str | ScoringMo
     r = beta * (lp[0] - lp[1])
     margin = r[0::2] - r[1::2]
     out = {"task": "dpo_accuracy", "version": PREF_VERSION, "n": len(pairs), "num_fewshot": 0, "scoring": f"implicit_reward(beta={beta})",
-           "reference_model": ref.path, **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
+           "reference_model": ref.path, "reference_model_hash": ref.model_hash, "data_hash": fingerprint(pairs),
+           **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
     samples = [{"task": "dpo_accuracy", "doc_id": i, "chosen_reward": float(r[2 * i]), "rejected_reward": float(r[2 * i + 1])}
                for i in range(len(pairs))]
     return out, samples
@@ -136,7 +139,8 @@ def evaluate_win_rate(policy: str | ScoringModel, reference: str | ScoringModel,
     kl = np.array([np.mean(v) for v in per_prompt.values()]) if per_prompt else np.zeros(1)
     outcome = wr.pop("outcomes")
     out = {"task": "win_rate", "version": PREF_VERSION, "n": n, "num_samples": k, "num_fewshot": 0, "scoring": "reward_model",
-           "reference_model": ref.path, "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
+           "reference_model": ref.path, "reference_model_hash": ref.model_hash, "reward_model": str(reward_model),
+           "reward_model_hash": model_hash(reward_model), "data_hash": fingerprint(prompts), "max_new_tokens": max_new_tokens,
            "temperature": temperature, "seed": seed, **wr, "reward_policy": float(r_pol.mean()),
            "reward_reference": float(r_ref.mean()), **_summary(kl, "kl")}
     samples = [{"task": "win_rate", "doc_id": i, "prompt": prompts[i],

@@ -57,15 +57,19 @@ def load_report(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"{p}: report not found")
     try:
-        rep = json.loads(p.read_text())
+        rep = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: undecodable bytes at byte {e.start}; expected a UTF-8 JSON report written by `align eval`") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not a JSON report ({e.msg} at line {e.lineno})") from None
     if not isinstance(rep, dict) or "schema_version" not in rep:
         raise UserError(f"{p}: no schema_version; expected a report written by `align eval`")
     if rep["schema_version"] != SCHEMA_VERSION:
         raise UserError(f"{p}: report schema version {rep['schema_version']}, expected {SCHEMA_VERSION}; re-run `align eval`")
-    if not isinstance(rep.get("results"), dict):
-        raise UserError(f"{p}: 'results' must be a mapping of task name to metrics")
+    if not isinstance(rep.get("results"), dict) or not all(isinstance(r, dict) for r in rep["results"].values()):
+        raise UserError(f"{p}: 'results' must be a mapping of task name to a mapping of metrics")
+    if not isinstance(rep.get("model"), dict):
+        raise UserError(f"{p}: 'model' must be a mapping (path, hash, tokenizer_hash); expected a report written by `align eval`")
     return rep
 
 

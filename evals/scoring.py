@@ -57,7 +57,8 @@ def scoring_model(path: str, adapter: str | None = None, load_in_8bit: bool = Fa
                   device: str | None = None, max_length: int | None = None) -> ScoringModel:
     """Load a causal LM (local directory or hub name, optionally + LoRA adapter, 8-bit or 4-bit) for scoring, with the
     one loader (alignment.modeling.load_model): fp32 on CPU, an adapter merged into unquantized weights."""
-    from alignment.modeling import load_model, load_tokenizer, model_hash, tokenizer_hash
+    from alignment.modeling import load_model, load_tokenizer, local_model_dir, model_hash
+    from alignment.tokens import tokenizer_hash
 
     if load_in_8bit and load_in_4bit:
         raise UserError("config: choose one of load_in_8bit and load_in_4bit")
@@ -65,7 +66,8 @@ def scoring_model(path: str, adapter: str | None = None, load_in_8bit: bool = Fa
     model = load_model(path, tokenizer=tokenizer, adapter=adapter, device=device, load_in_8bit=load_in_8bit,
                        load_in_4bit=load_in_4bit)
     return ScoringModel(model=model, tokenizer=tokenizer, max_length=max_length or resolve_max_length(model.config, tokenizer),
-                        path=str(path), adapter=adapter, model_hash=model_hash(path), tokenizer_hash=tokenizer_hash(path))
+                        path=str(path), adapter=adapter, model_hash=model_hash(path),
+                        tokenizer_hash=tokenizer_hash(local_model_dir(path)))
 
 
 def _decoder_and_head(model):

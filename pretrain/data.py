@@ -52,8 +52,10 @@ class PrepareConfig:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Hub dataset split."})
     text_column: str = field(default="text", metadata={"help": "Text field of .jsonl/.json/.parquet rows and hub rows."})
-    txt_split: str = field(default="paragraph", metadata={"help": "How .txt files split into documents: file, paragraph, line, or a separator string."})
-    val_files: list[str] = field(default_factory=list, metadata={"help": "Files whose documents form the val split (default: a seeded fraction of the documents)."})
+    txt_split: str = field(default="paragraph", metadata={"help": "How .txt files split into documents: file, paragraph, line, or a separator "
+                                                                  "string."})
+    val_files: list[str] = field(default_factory=list, metadata={"help": "Files whose documents form the val split (default: a seeded fraction of "
+                                                                         "the documents)."})
     val_fraction: float = field(default=0.05, metadata={"help": "Fraction of documents held out for validation when val_files is empty."})
     seed: int = field(default=0, metadata={"help": "Seed of the document split."})
     normalization: str = field(default="NFC", metadata={"help": "Unicode normalization form: NFC, NFKC, NFD, NFKD or none."})
@@ -63,13 +65,15 @@ class PrepareConfig:
     max_mean_word_length: float = field(default=12.0, metadata={"help": "Drop documents whose mean word length is above this."})
     max_symbol_ratio: float = field(default=0.1, metadata={"help": "Drop documents with more '#' and ellipses per word than this."})
     max_duplicate_line_fraction: float = field(default=0.3, metadata={"help": "Drop documents whose fraction of repeated lines exceeds this."})
-    min_alpha_word_fraction: float = field(default=0.0, metadata={"help": "Drop documents where fewer words contain a letter (Gopher: 0.8; 0 = off)."})
+    min_alpha_word_fraction: float = field(default=0.0, metadata={"help": "Drop documents where fewer words contain a letter (Gopher: 0.8; 0 = "
+                                                                          "off)."})
     dedup_exact: bool = field(default=True, metadata={"help": "Remove exact duplicates (after lower-casing and collapsing whitespace)."})
     dedup_near: bool = field(default=True, metadata={"help": "Remove near-duplicates with MinHash LSH."})
     near_threshold: float = field(default=0.8, metadata={"help": "Estimated Jaccard similarity above which a document is a near-duplicate."})
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations."})
     shingle_words: int = field(default=5, metadata={"help": "Words per shingle for MinHash."})
-    decontaminate_files: list[str] = field(default_factory=list, metadata={"help": "Evaluation files (.csv MMLU-style, .jsonl, .txt, globs or dirs) whose n-grams training must not contain."})
+    decontaminate_files: list[str] = field(default_factory=list, metadata={"help": "Evaluation files (.csv MMLU-style, .jsonl, .txt, globs or dirs) "
+                                                                                   "whose n-grams training must not contain."})
     decontaminate_ngram: int = field(default=13, metadata={"help": "Word n-gram length for decontamination."})
     num_proc: int = field(default=2, metadata={"help": "Worker processes for tokenization."})
     shard_tokens: int = field(default=100_000_000, metadata={"help": "Maximum tokens per shard file."})
@@ -367,7 +371,8 @@ def format_report(report: dict, out: str) -> str:
     for name, s in report["splits"].items():
         rows.append((f"{name}: documents / tokens / bytes", f"{s['documents']} / {s['tokens']} / {s['bytes']}"))
     width = max(len(r[0]) for r in rows)
-    lines = [f"prepare: {out} in {report['seconds']}s"] + [f"  {k:<{width}}  {v:>10}" if isinstance(v, int) else f"  {k:<{width}}  {v}" for k, v in rows]
+    lines = [f"prepare: {out} in {report['seconds']}s"]
+    lines += [f"  {k:<{width}}  {v:>10}" if isinstance(v, int) else f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import torch
 from alignment.config import parse_config, save_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_dir, check_output_dir
-from pretrain.model import Llama, LlamaShape, shape_from_hf_config, shape_from_preset, to_hf_config
+from pretrain.model import Llama, shape_from_hf_config, shape_from_preset, to_hf_config
 
 
 def special_ids(tokenizer) -> dict:

@@ -52,15 +52,20 @@ class LlamaShape:
 # Size presets. Parameter counts (tied embeddings, vocab as given) are printed by `python -m pretrain.model`.
 PRESETS: dict[str, dict] = {
     # a few hundred thousand parameters: unit tests
-    "test": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "test": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
     # ~2M non-embedding: the tiny demo recipe on CPU
-    "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512),
+    "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=512),
     # ~10M: CPU runs on real text
-    "10m": dict(hidden_size=320, intermediate_size=864, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "10m": dict(hidden_size=320, intermediate_size=864, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=1024),
     # GPT-2-small-like ~125M with a 32k vocabulary
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, max_position_embeddings=2048),
     # ~1B (TinyLlama shape)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, max_position_embeddings=2048),
 }
 
 
@@ -285,4 +290,5 @@ if __name__ == "__main__":
         for vocab in (4096, 32768):
             m = Llama(shape_from_preset(name, vocab)) if name in ("test", "tiny", "10m") or vocab == 32768 else None
             if m is not None:
-                print(f"{name:5s} vocab={vocab:6d} params={m.num_parameters() / 1e6:8.2f}M non-embedding={m.num_parameters(True) / 1e6:8.2f}M  {asdict(m.shape)}")
+                print(f"{name:5s} vocab={vocab:6d} params={m.num_parameters() / 1e6:8.2f}M "
+                      f"non-embedding={m.num_parameters(True) / 1e6:8.2f}M  {asdict(m.shape)}")

@@ -205,7 +205,8 @@ def main(cfg: TokenizerConfig) -> dict:
         (tmp / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
         save_config(tmp, cfg)
     ref = report.get("reference", {})
-    ref_txt = f"  reference ({ref.get('kind')}): {ref['bytes_per_token']:.3f} bytes/token" if "bytes_per_token" in ref else f"  reference: {ref.get('unavailable', 'none')}"
+    ref_txt = (f"  reference ({ref.get('kind')}): {ref['bytes_per_token']:.3f} bytes/token" if "bytes_per_token" in ref
+               else f"  reference: {ref.get('unavailable', 'none')}")
     print(f"tokenizer: vocab {len(tok)}, {len(train_docs)} training documents, held-out {n_bytes} bytes "
           f"-> {ours:.3f} bytes/token;{ref_txt}; saved to {cfg.output_dir} in {time.time() - t0:.1f}s")
     return report

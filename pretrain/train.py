@@ -66,7 +66,8 @@ class PretrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     grad_clip: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = off)."})
-    eval_interval: int = field(default=100, metadata={"help": "Steps between val loss / bits-per-byte evaluations and samples (0 = only at the end)."})
+    eval_interval: int = field(default=100, metadata={"help": "Steps between val loss / bits-per-byte evaluations and samples (0 = only at the "
+                                                              "end)."})
     eval_batches: int = field(default=10, metadata={"help": "Val micro-batches per evaluation (spread over the val split)."})
     num_samples: int = field(default=2, metadata={"help": "Continuations sampled at each evaluation.", "range": (0, None, True, True, ())})
     sample_tokens: int = field(default=48, metadata={"help": "Tokens per sampled continuation."})
@@ -79,7 +80,8 @@ class PretrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
     fsdp: bool = field(default=False, metadata={"help": "Shard parameters, gradients and optimizer state with FSDP2 (under torchrun)."})
-    peak_tflops: float = field(default=0.0, metadata={"help": "Peak TFLOP/s for the MFU estimate (0 = known GPU table, or a measured matmul on CPU)."})
+    peak_tflops: float = field(default=0.0, metadata={"help": "Peak TFLOP/s for the MFU estimate (0 = known GPU table, or a measured matmul on "
+                                                              "CPU)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Also log to: tensorboard, wandb."})
     resume: bool = field(default=False, metadata={"help": "Continue a finished run from the newest checkpoint in output_dir/ckpt "
                                                   "(e.g. with a larger max_steps). A killed run resumes by itself."})
@@ -137,7 +139,18 @@ def read_meta(data_dir: str) -> dict:
     p = Path(data_dir, "meta.json")
     if not p.is_file():
         raise UserError(f"data_dir: {data_dir}: no meta.json; expected a directory written by `align prepare`")
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_bytes().decode("utf-8"))
+        for split in ("train", "val"):
+            for shard in meta["splits"][split]["shards"]:
+                if not Path(data_dir, shard["file"]).is_file():
+                    raise UserError(f"{p}: shard {shard['file']} is missing; expected the directory `align prepare` wrote, whole")
+        np.dtype(meta["dtype"])
+        meta["tokenizer_hash"], meta["splits"]["train"]["tokens"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{p}: truncated or not the meta.json `align prepare` writes (splits, shards, dtype, tokenizer_hash); "
+                        "re-run `align prepare`") from None
+    return meta
 
 
 def token_bytes(tokenizer) -> torch.Tensor:
@@ -175,7 +188,8 @@ def peak_flops(cfg: PretrainConfig, device, dtype) -> float:
         return cfg.peak_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("A10", 125), ("4090", 165), ("3090", 71), ("V100", 125), ("T4", 65)):
+        for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("A10", 125), ("4090", 165), ("3090", 71),
+                        ("V100", 125), ("T4", 65)):
             if key in name:
                 return tf * 1e12
         return 100e12
@@ -399,7 +413,8 @@ def main(cfg: PretrainConfig) -> dict:
     val = PackedTokens(Path(cfg.data_dir), meta, "val", cfg.seq_len)
     for name, split in (("train", train), ("val", val)):
         if split.n == 0:
-            raise UserError(f"data_dir: the {name} split has fewer than seq_len + 1 = {cfg.seq_len + 1} tokens; expected more text or a shorter seq_len")
+            raise UserError(f"data_dir: the {name} split has fewer than seq_len + 1 = {cfg.seq_len + 1} tokens; "
+                            "expected more text or a shorter seq_len")
     global_batch = cfg.batch_size * cfg.grad_accum * world
     identity = {"seq_len": cfg.seq_len, "seed": cfg.seed, "global_batch": global_batch, "tokenizer_hash": tok_hash,
                 "train_tokens": meta["splits"]["train"]["tokens"]}

@@ -43,7 +43,8 @@ class DPOScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out pairs."})
     invalid_rows: str = field(default="error", metadata={"help": "A row that does not fit: 'error' (stop, naming it) or 'skip' (count)."})
     too_long: str = field(default="truncate", metadata={"help": "Pairs over max_length: 'truncate' (keep the prompt's end), 'drop' or 'error'."})
-    chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja chat template replacing the model's (DPOConfig has no such key)."})
+    chat_template_path: str | None = field(default=None, metadata={"help": "A .jinja chat template replacing the model's (DPOConfig has no such "
+                                                                           "key)."})
     ref_cache_dir: str = field(default="runs/cache/dpo_ref_logps", metadata={"help": "Directory of cached reference log-probs (shared by runs)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
@@ -122,7 +123,8 @@ def main(cfg) -> dict:
     from alignment import modeling
     from alignment.compat import DPO_LOSS_TYPES, PretokenizedDPOTrainer
     from alignment.data import fingerprint, load_preference_pairs, parse_source, split_holdout, tokenize_preference
-    from alignment.io import StageRun, atomic_write_json
+    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
+    from alignment.tokens import tokenizer_hash
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -163,7 +165,7 @@ def main(cfg) -> dict:
     args.precompute_ref_log_probs = True
     quant = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else "none"
     cache = RefLogpCache(script.ref_cache_dir, model=modeling.model_hash(model_args.model_name_or_path),
-                         tokenizer=modeling.tokenizer_hash(model_args.model_name_or_path), quantization=quant,
+                         tokenizer=tokenizer_hash(modeling.local_model_dir(model_args.model_name_or_path)), quantization=quant,
                          dtype=str(model_args.dtype), ld_alpha=args.ld_alpha, max_length=args.max_length,
                          truncation_mode=args.truncation_mode)
     fingerprints = {"train": fingerprint(train_rows), "eval": fingerprint(eval_rows)}
@@ -174,6 +176,7 @@ def main(cfg) -> dict:
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
+        check_checkpoint_files(checkpoint)
         print(f"dpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,

@@ -23,13 +23,12 @@ def main(cfg) -> dict:
     """Validate, load prompts and rewards, train with GRPOTrainer (resuming a killed run), save adapter + merged."""
     import torch
     from datasets import Dataset
-    from transformers import AutoConfig
     from transformers.trainer_utils import get_last_checkpoint
 
     from alignment.compat import SafeGRPOTrainer
     from alignment.data import encode_prompts, read_prompt_rows
-    from alignment.io import StageRun, atomic_write_json
-    from alignment.modeling import (check_model_dir, context_length, load_model, load_tokenizer, lora_config, same_tokenizer,
+    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
+    from alignment.modeling import (load_config, check_model_dir, context_length, load_model, load_tokenizer, lora_config, same_tokenizer,
                                     save_stage_outputs)
     from alignment.rewards import RewardModel, ends_at_end_of_turn_function, reward_model_function, reward_stats, trl_reward_functions
 
@@ -45,7 +44,7 @@ def main(cfg) -> dict:
     tok = load_tokenizer(model_args.model_name_or_path)
     if not same_tokenizer(tok, load_tokenizer(script.reward_model)):
         raise UserError(f"reward_model: {script.reward_model}: its tokenizer differs from the policy's; expected the same tokenizer")
-    context = context_length(AutoConfig.from_pretrained(model_args.model_name_or_path))
+    context = context_length(load_config(model_args.model_name_or_path, "model_name_or_path"))
     rows = read_prompt_rows(script.prompts, script.max_prompts or None)
     kept = encode_prompts(tok, rows, context, args.max_completion_length or 0, script.long_prompts)
     # the prompt rows' other fields reach the reward functions as columns (TRL passes them as keyword arguments)
@@ -57,6 +56,7 @@ def main(cfg) -> dict:
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
+        check_checkpoint_files(checkpoint)
         print(f"grpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

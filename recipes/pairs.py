@@ -83,7 +83,8 @@ def read_checked_prompts(path: str, checker: str, limit: int | None) -> list[dic
         for r in rows:
             missing = [k for k in ("answer", "kind") if k not in r.data]
             if missing:
-                raise UserError(f"{r.where}: checker tinyworld needs {', '.join(missing)}; expected rows like alignment/tinyworld.py's rl/prompts.jsonl")
+                raise UserError(f"{r.where}: checker tinyworld needs {', '.join(missing)}; "
+                                "expected rows like alignment/tinyworld.py's rl/prompts.jsonl")
     return [r.data for r in rows]
 
 
@@ -133,6 +134,8 @@ def main(cfg: PairsConfig) -> dict:
                             num_return_sequences=cfg.num_samples, seed=cfg.seed)
     prompt_ids = [encode_prompt(tok, r["prompt"]) for r in rows]
     context = model.config.max_position_embeddings
+    if cfg.max_new_tokens >= context:
+        raise UserError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
     samples = generate(model, tok, [p[-(context - cfg.max_new_tokens):] for p in prompt_ids], params, seed_per_prompt=True,
                        progress=True, desc="sampling")
     texts = [[c.text for c in group] for group in samples]
@@ -190,7 +193,8 @@ def main(cfg: PairsConfig) -> dict:
     if rm is not None:
         extra += f", reward chosen {summary['reward_chosen']:.2f} vs rejected {summary['reward_rejected']:.2f}"
     if cfg.checker != "none":
-        extra += f", sample accuracy {summary['sample_accuracy']:.3f}, chosen correct {summary['chosen_correct']:.2f} vs rejected {summary['rejected_correct']:.2f}"
+        extra += (f", sample accuracy {summary['sample_accuracy']:.3f}, chosen correct {summary['chosen_correct']:.2f} "
+                  f"vs rejected {summary['rejected_correct']:.2f}")
     print(f"pairs: {len(rows)} prompts x {cfg.num_samples} samples judged by {judged} -> {len(pairs)} pairs"
           f" ({summary['prompts_without_pair']} prompts gave none){extra}; -> {cfg.output_dir}/pairs.jsonl in {summary['seconds']:.0f}s")
     return summary

@@ -34,7 +34,8 @@ class PPOStageConfig(PPOHyper, OnlineRLArguments):
     output_dir: str = field(default="runs/tiny/ppo", metadata={"help": "Where adapter/, merged/ and logs are written."})
     eval_prompts: int = field(default=32, metadata={"help": "Prompts held out for the before/after report and win rate (0 = none)."})
     num_updates: int = field(default=20, metadata={"help": "PPO updates (each: rollout_batch_size episodes)."})
-    value_model: str = field(default="policy", metadata={"help": "'policy' (value head on the policy trunk) or a model directory for a separate value trunk."})
+    value_model: str = field(default="policy", metadata={"help": "'policy' (value head on the policy trunk) or a model directory for a separate "
+                                                                 "value trunk."})
     save_steps: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N updates (0 = only at the end)."})
     logging_steps: int = field(default=1, metadata={"help": "Log metrics to the trackers every N updates.", "range": (1, None, True, True, ())})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers: tensorboard, wandb (empty = none)."})
@@ -52,7 +53,7 @@ def main(cfg) -> dict:
 
     from alignment.data import encode_prompts, read_prompt_rows
     from alignment.io import StageRun, atomic_dir, atomic_write_json
-    from alignment.modeling import (add_lora, check_model_dir, context_length, load_model, load_tokenizer, same_tokenizer,
+    from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, load_model, load_tokenizer, same_tokenizer,
                                     save_stage_outputs)
     from alignment.ppo import PPO, ValueHead, kl_controller, plot_curves
     from alignment.rewards import RewardModel, ends_at_end_of_turn_function, reward_model_function, reward_stats, total_reward
@@ -80,15 +81,14 @@ def main(cfg) -> dict:
     if not same_tokenizer(tok, load_tokenizer(cfg.reward_model)):
         raise UserError(f"reward_model: {cfg.reward_model}: its tokenizer differs from the policy's ({model_args.model_name_or_path}); "
                         "expected both stages to use the same tokenizer")
-    from transformers import AutoConfig
-
-    context = context_length(AutoConfig.from_pretrained(model_args.model_name_or_path))
+    context = context_length(load_config(model_args.model_name_or_path, "model_name_or_path"))
     rows = read_prompt_rows(cfg.prompts, cfg.max_prompts + cfg.eval_prompts if cfg.max_prompts else None)
     prompts = encode_prompts(tok, rows, context, cfg.response_length, cfg.long_prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) // 4)  # never more than a quarter of the prompts
     eval_rows, train_rows = prompts[:n_eval], prompts[n_eval:]
     if len(train_rows) < cfg.rollout_batch_size:
-        print(f"note: {len(train_rows)} training prompts < rollout_batch_size {cfg.rollout_batch_size}; prompts repeat within a batch", file=sys.stderr)
+        print(f"note: {len(train_rows)} training prompts < rollout_batch_size {cfg.rollout_batch_size}; prompts repeat within a batch",
+              file=sys.stderr)
     stop_ids = stop_token_ids(tok)
 
     inputs = [model_args.model_name_or_path, cfg.reward_model, cfg.prompts] + ([cfg.value_model] if cfg.value_model != "policy" else [])

@@ -90,7 +90,7 @@ def main(cfg) -> dict:
     from alignment import modeling
     from alignment.compat import RewardTrainer
     from alignment.data import load_preference_pairs, parse_source, split_holdout
-    from alignment.io import StageRun, atomic_write_json
+    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -125,6 +125,7 @@ def main(cfg) -> dict:
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
+        check_checkpoint_files(checkpoint)
         print(f"reward: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     # model: 1-output sequence classifier on the input LM (the `score` head starts random and is always trained)
@@ -150,10 +151,11 @@ def main(cfg) -> dict:
               "passed": acc >= script.min_eval_accuracy and improved}
     atomic_write_json(f"{args.output_dir}/health.json", health)
     if not health["passed"]:
+        run.discard()  # a finished run that failed its gate: nothing in it to resume, nothing to keep
         why = (f"< min_eval_accuracy {script.min_eval_accuracy}" if acc < script.min_eval_accuracy else
                f"is not above the untrained model's {acc_before:.3f} + min_eval_improvement {script.min_eval_improvement}")
         raise UserError(f"reward health gate: held-out pairwise accuracy {acc:.3f} on {len(eval_rows)} pairs {why}; "
-                        f"{output_dir} left as it was (train longer or check the data; this run's checkpoints stay in {args.output_dir})")
+                        f"{output_dir} left as it was (train longer or check the data)")
 
     # normalization statistics for PPO: rewards of every training sequence (chosen and rejected)
     _, train_chosen, train_rejected = pairwise_accuracy(trainer.model, train_rows, tokenizer.pad_token_id, script.score_batch_size)

@@ -26,7 +26,8 @@ from alignment.errors import UserError, exit_on_user_error
 class SFTScriptArguments:
     """Data and run options of the SFT stage (the model is `model_name_or_path`, training is SFTConfig)."""
 
-    train_data: list[str] = field(default_factory=list, metadata={"help": "Sources PATH_OR_HUB_NAME[@WEIGHT]: .json/.jsonl/.parquet/.csv(.gz) or hub names."})
+    train_data: list[str] = field(default_factory=list, metadata={"help": "Sources PATH_OR_HUB_NAME[@WEIGHT]: .json/.jsonl/.parquet/.csv(.gz) or "
+                                                                          "hub names."})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "Held-out sources for eval loss (else eval_fraction of train_data)."})
     eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of train_data held out for eval loss when eval_data is empty.",
                                                         "range": (0, 1, True, False, ())})
@@ -46,7 +47,7 @@ def main(cfg) -> dict:
     from alignment import modeling
     from alignment.compat import SFTTrainer
     from alignment.data import load_conversations, parse_source, split_holdout, tokenize_sft
-    from alignment.io import StageRun, atomic_write_json
+    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -88,6 +89,7 @@ def main(cfg) -> dict:
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
+        check_checkpoint_files(checkpoint)
         print(f"sft: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     # model: fp32 on CPU, optional 8/4-bit base + LoRA on attention and MLP projections
@@ -105,7 +107,7 @@ def main(cfg) -> dict:
     eval_metrics = trainer.evaluate() if eval_rows else {}
 
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
-    paths = modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
     args.assistant_only_loss = assistant_only  # config.yaml records what the user asked for
     save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {

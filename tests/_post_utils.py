@@ -85,16 +85,3 @@ def interrupt_after(monkeypatch, trainer_cls, n_steps: int) -> dict:
 
     monkeypatch.setattr(trainer_cls, "training_step", step)
     return calls
-
-
-@pytest.fixture(scope="session")
-def bnb_model_dir(tmp_path_factory, tiny_tokenizer):
-    """The 'test' preset with an MLP width divisible by 32 (bitsandbytes' CPU 4-bit kernels need N % 32 == 0)."""
-    from pretrain.export import save_hf
-    from pretrain.model import Llama, shape_from_preset
-
-    torch.manual_seed(0)
-    shape = shape_from_preset("test", len(tiny_tokenizer), intermediate_size=192)
-    out = tmp_path_factory.mktemp("model") / "tiny-llama-bnb"
-    save_hf(Llama(shape), tiny_tokenizer, out)
-    return out

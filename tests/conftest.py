@@ -80,3 +80,18 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
     rm.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def bnb_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The 'test' preset with an MLP width divisible by 32 (bitsandbytes' CPU 4-bit kernels need N % 32 == 0)."""
+    import torch
+
+    from pretrain.export import save_hf
+    from pretrain.model import Llama, shape_from_preset
+
+    torch.manual_seed(0)
+    shape = shape_from_preset("test", len(tiny_tokenizer), intermediate_size=192)
+    out = tmp_path_factory.mktemp("model") / "tiny-llama-bnb"
+    save_hf(Llama(shape), tiny_tokenizer, out)
+    return out

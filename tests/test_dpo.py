@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _post_utils import Interrupt, bnb_model_dir, interrupt_after, lora_kwargs, one_thread, pref_rows, training_kwargs, write_jsonl  # noqa: F401
+from _post_utils import Interrupt, interrupt_after, lora_kwargs, one_thread, pref_rows, training_kwargs, write_jsonl  # noqa: F401
 from alignment.compat import DPOConfig, DPOTrainer, ModelConfig
 from alignment.errors import UserError
 from recipes.dpo import DPOScriptArguments, completion_logps, main

@@ -79,7 +79,6 @@ def test_checker_ranks_before_the_reward(tiny_model_dir, reward_dir, prompts_fil
 def test_checker_result_orders_the_pair(tiny_model_dir, reward_dir, tmp_path):
     """A correct sample is chosen over every incorrect one, whatever the reward model says: with the reward model
     alone the pair for this prompt is the reward's best and worst; with the checker the correct answer wins."""
-    import torch
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say the number."}], "answer": "5",

@@ -1,7 +1,8 @@
-"""Issue 7's effects, end to end: a reduced `align run recipes/tiny` on the generated tiny world.
+"""The pipeline's effects, end to end: a reduced `align run recipes/tiny` on the generated tiny world.
 
-The recipe is copied into a temporary directory with fewer steps, run offline as users run it, and the report's
-numbers are checked for the four effects each stage claims:
+The recipe is copied into a temporary directory with fewer pretraining steps, run offline as users run it, and the
+report's numbers are checked for the four effects each stage claims. Every stage is deterministic on the CPU (no
+wall-time stop, seeded sampling), so the same code gives the same numbers here each time:
 pretraining beats chance on the multiple-choice test, SFT teaches answers that end at <|im_end|>, the reward model
 separates held-out pairs, and DPO (on the SFT model's own samples paired by the reward model, `align pairs`) and PPO
 each beat the SFT model on reward-model win rate or answer accuracy beyond noise, without breaking the answers.
@@ -9,7 +10,6 @@ each beat the SFT model on reward-model win rate or answer accuracy beyond noise
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +22,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 # stage -> key overrides that shrink the run (the full recipe is `make demo`). SFT, DPO and PPO keep the full recipe's
 # steps (about 70 s together): with PPO at 10 updates its win rate was 0.525 ± 0.044, within noise.
 REDUCED = {
-    "pretrain.yaml": {"max_steps": 350, "max_minutes": 3.0, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
+    "pretrain.yaml": {"max_steps": 350, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
 }
 
 
@@ -40,7 +40,7 @@ def reduced_run(tmp_path_factory):
         (recipe / src.name).write_text(text)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "alignment.cli", "run", str(recipe)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((work / "runs" / "tiny" / "report.json").read_text())
     return work, report
@@ -54,31 +54,29 @@ def test_every_stage_ran_and_the_report_exists(reduced_run):
 
 
 def test_pretraining_beats_chance_on_multiple_choice(reduced_run):
-    base = reduced_run[1]["models"]["base"]
-    acc, se = base["mmlu_tinyworld/acc"], base["mmlu_tinyworld/acc_stderr"]
-    assert acc > 0.25 + 2 * se, (acc, se)
+    mc = reduced_run[1]["models"]["base"]["mmlu_tinyworld"]
+    assert mc["acc"] > 0.25 + 2 * mc["acc_stderr"], mc
 
 
 def test_sft_teaches_answers_that_end_at_end_of_turn(reduced_run):
     models = reduced_run[1]["models"]
-    assert models["sft"]["well_formed_rate"] >= models["base"]["well_formed_rate"] + 0.5
+    assert models["sft"]["answers"]["well_formed_rate"] >= models["base"]["answers"]["well_formed_rate"] + 0.5
 
 
 def test_reward_model_separates_held_out_pairs(reduced_run):
     health = json.loads((reduced_run[0] / "runs" / "tiny" / "reward" / "health.json").read_text())
-    assert health["eval_accuracy"] >= 0.9 and health["passed"]
+    assert health["eval_accuracy"] >= 0.9 and health["eval_accuracy"] > health["eval_accuracy_before"] and health["passed"]
 
 
-def _beats_sft(reports: dict, name: str) -> tuple[bool, tuple]:
+def _beats_sft(report: dict, name: str) -> tuple[bool, tuple]:
     """Win rate above 0.5 by more than two standard errors, or answer accuracy up by more than two (unpaired).
 
     The win rate's standard error is over the 80 held-out prompts, each scored by 8 x 8 sampled comparisons
-    (eval_*.yaml num_samples: 8); with one sample per prompt it was about 0.044 and PPO's real but modest gain
-    (0.59 on this run) fell inside it."""
-    m, sft = reports["models"][name], reports["models"]["sft"]
-    win, se = m["win_rate/win_rate"], m["win_rate/win_rate_stderr"]
-    gain = m["answer_accuracy"] - sft["answer_accuracy"]
-    noise = 2 * (m["answer_accuracy_stderr"] ** 2 + sft["answer_accuracy_stderr"] ** 2) ** 0.5
+    (eval_*.yaml num_samples: 8)."""
+    m, sft = report["models"][name], report["models"]["sft"]
+    win, se = m["win_rate"]["win_rate"], m["win_rate"]["win_rate_stderr"]
+    gain = m["answers"]["answer_accuracy"] - sft["answers"]["answer_accuracy"]
+    noise = 2 * (m["answers"]["answer_accuracy_stderr"] ** 2 + sft["answers"]["answer_accuracy_stderr"] ** 2) ** 0.5
     return win > 0.5 + 2 * se or gain > noise, (name, win, se, gain, noise)
 
 
@@ -86,11 +84,12 @@ def test_ppo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
     ok, numbers = _beats_sft(reduced_run[1], "ppo")
     assert ok, numbers
     m = reduced_run[1]["models"]["ppo"]
-    assert m["well_formed_rate"] >= 0.9 and m["win_rate/kl"] < 3.0, m  # a reward hack breaks answers or runs far from SFT
+    # a reward hack breaks answers or runs far from SFT
+    assert m["answers"]["well_formed_rate"] >= 0.9 and m["win_rate"]["kl"] < 3.0, m
 
 
 def test_dpo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
     ok, numbers = _beats_sft(reduced_run[1], "dpo")
     assert ok, numbers
     m = reduced_run[1]["models"]["dpo"]
-    assert m["well_formed_rate"] >= 0.9 and m["win_rate/kl"] < 3.0, m
+    assert m["answers"]["well_formed_rate"] >= 0.9 and m["win_rate"]["kl"] < 3.0, m

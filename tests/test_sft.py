@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from _post_utils import Interrupt, bnb_model_dir, interrupt_after, lora_kwargs, one_thread, sft_rows, training_kwargs, write_jsonl  # noqa: F401
+from _post_utils import Interrupt, interrupt_after, lora_kwargs, one_thread, sft_rows, training_kwargs, write_jsonl  # noqa: F401
 from alignment.compat import ModelConfig, SFTConfig
 from alignment.errors import UserError
 from recipes.sft import SFTScriptArguments, main
