@@ -29,6 +29,14 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     return rendered[0], spans[0]
 
 
+def numpy_safe_globals():
+    """The context in which transformers loads its trainer checkpoints with weights_only=True: numpy arrays and dtypes
+    (the RNG state) allowed, nothing that runs code."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    return safe_globals()
+
+
 def cache_layers(past_key_values) -> list[tuple]:
     """(keys, values) per layer of a model's returned KV cache (transformers 5: a Cache with `.layers`)."""
     return [(layer.keys, layer.values) for layer in past_key_values.layers]

@@ -82,7 +82,7 @@ def check_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
     for f in sorted(Path(checkpoint_dir).glob("*")):
         # training_args.bin is a pickle transformers writes but never reads back on resume: it is not loaded here either
         if f.suffix in (".pt", ".pth", ".bin") and f.name != "training_args.bin":
-            safe_torch_load(f, "checkpoint file")
+            safe_torch_load(f, "checkpoint file", allow_numpy=True)
 
 
 def is_suite_dir(path: str | os.PathLike) -> bool:
@@ -186,8 +186,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def safe_torch_load(path: str | os.PathLike, what: str = "file"):
-    """torch.load with weights_only=True: tensors and plain containers load, a pickle that would run code is refused."""
+def safe_torch_load(path: str | os.PathLike, what: str = "file", allow_numpy: bool = False):
+    """torch.load with weights_only=True: tensors and plain containers load (numpy arrays too with `allow_numpy`, as
+    transformers' trainer checkpoints hold them), a pickle that would run code is refused."""
     import pickle
 
     import torch
@@ -196,6 +197,11 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file"):
     if not p.is_file():
         raise UserError(f"{p}: {what} not found")
     try:
+        if allow_numpy:
+            from .compat import numpy_safe_globals
+
+            with numpy_safe_globals():
+                return torch.load(p, map_location="cpu", weights_only=True)
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]

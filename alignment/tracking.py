@@ -39,7 +39,7 @@ class Trackers:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in history or [])
+            f.writelines(self._line(m, m.get("step")) for m in history or [])
         if "tensorboard" in names:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -53,12 +53,16 @@ class Trackers:
                 raise UserError("report_to: wandb is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=project, config=config or {}, dir=str(output_dir))
 
+    @staticmethod
+    def _line(metrics: dict, step) -> str:
+        return json.dumps({"step": step, **{k: v for k, v in metrics.items() if k != "step"}}) + "\n"
+
     def log(self, metrics: dict, step: int) -> None:
         """One line of metrics for `step` (numbers forwarded to tensorboard / wandb)."""
         if not self.active:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(self._line(metrics, step))
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
             for k, v in numbers.items():

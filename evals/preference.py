@@ -59,7 +59,8 @@ def evaluate_reward_accuracy(reward_model: str | RewardModel, pairs: list[dict],
     r = rm.score(prompts, replies).numpy()
     margin = r[0::2] - r[1::2]
     out = {"task": "reward_accuracy", "version": PREF_VERSION, "n": len(pairs), "num_fewshot": 0, "scoring": "reward",
-           "reward_model": rm.path, "reward_model_hash": model_hash(rm.path), "data_hash": fingerprint(pairs), **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
+           "reward_model": rm.path, "reward_model_hash": model_hash(rm.path), "data_hash": fingerprint(pairs),
+           **_summary((margin > 0).astype(float), "acc"), **_summary(margin, "margin")}
     samples = [{"task": "reward_accuracy", "doc_id": i, "chosen_reward": float(r[2 * i]), "rejected_reward": float(r[2 * i + 1])}
                for i in range(len(pairs))]
     return out, samples
