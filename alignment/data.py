@@ -489,6 +489,17 @@ def convert_rows(rows: list[Row], convert, invalid_rows: str = "error", label: s
     return out
 
 
+def prompt_columns(prompts: list[dict]) -> list[dict]:
+    """Encoded prompt rows as dataset rows for TRL's online trainers: the prompt messages and the other fields every row
+    has with plain values (the answer a checker reads, ...), which TRL hands to reward functions as columns."""
+    def plain(v):
+        return isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v))
+
+    common = set.intersection(*(set(p) for p in prompts)) - {"prompt", "input_ids"}
+    keep = sorted(k for k in common if all(plain(p[k]) for p in prompts))
+    return [{"prompt": p["prompt"], **{k: p[k] for k in keep}} for p in prompts]
+
+
 def load_conversations(specs, split: str, seed: int, invalid_rows: str, label: str) -> tuple[list, list[str]]:
     """Rows of a mixture -> validated chat conversations for SFT, and the place each came from."""
     rows = load_mixture(specs, split=split, seed=seed)

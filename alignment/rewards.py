@@ -1,14 +1,30 @@
-"""Rewards: a learned reward model scoring (prompt, response) pairs, normalised with the statistics the reward
-stage saved. Used by PPO, RLOO / GRPO, on-policy pairs and the win-rate eval: one way to score a response.
+"""Rewards: a learned reward model and verifiable reward functions, for PPO, RLOO / GRPO, on-policy pairs and the
+win-rate eval: one way to score a response.
 
-A response is rendered exactly as the reward stage saw its chosen/rejected replies: the prompt through the chat
-template with the generation prompt, then the reply ending at its end-of-turn token, where the score is read.
+A response is rendered for the reward model exactly as the reward stage saw its chosen/rejected replies: the prompt
+through the chat template with the generation prompt, then the reply ending at its end-of-turn token, where the
+score is read; scores are normalised with the statistics the reward stage saved.
+
+The online RL stages take `rewards`, a list of `NAME[:ARGS][@WEIGHT]` (weight 1 unless given); the total is the
+weighted sum, and each reward's mean is logged as `rewards/<NAME>/mean` (TRL's names):
+
+    model                     the learned reward model (`reward_model`, normalised with its reward_stats.json)
+    tinyworld                 1 when the tiny world's checker accepts the answer (rows carry answer, kind, ...), else 0
+    exact_match[:FIELD]       1 when the number extracted from the completion (GSM8K's "#### 42", else its last number)
+                              equals the row's FIELD (default `answer`, extracted the same way), else 0
+    ends_at_end_of_turn       0 when the completion ended at end of turn, -1 when the length limit cut it
+    length:MIN:MAX            0 for MIN..MAX words, -1 outside
+    python:FILE.py:FUNCTION   a function of yours, loaded from the file the config names (never from data):
+                              FUNCTION(prompts, completions, **fields) -> list of numbers, one per completion, where
+                              prompts are message lists, completions the reply texts, and fields the prompt rows'
+                              other columns as lists (TRL's reward-function signature)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +97,11 @@ class OnlineRLArguments:
     normalize_reward: bool = field(default=True, metadata={"help": "Normalise scores with <reward_model>/reward_stats.json (false = raw scores)."})
     reward_load_in_8bit: bool = field(default=False, metadata={"help": "Load the reward model in 8-bit (bitsandbytes)."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
-    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a response that never reaches end of turn."})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from the score of a response that never reaches end of turn "
+                                                              "(the weight of the default `ends_at_end_of_turn` reward)."})
+    rewards: list[str] = field(default_factory=lambda: ["model", "ends_at_end_of_turn"],
+                               metadata={"help": "Rewards NAME[:ARGS][@WEIGHT]: model, tinyworld, exact_match[:FIELD], ends_at_end_of_turn, "
+                                                 "length:MIN:MAX, python:FILE.py:FUNCTION (see alignment/rewards.py)."})
     prompts: str = field(default="runs/tiny/data/rl/prompts.jsonl", metadata={"help": "Prompts .jsonl(.gz): {'prompt': messages} rows or HH "
                                                                                       "dialogues."})
     max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts (0 = all).", "range": (0, None, True, True, ())})
@@ -106,12 +126,152 @@ class RewardFunction:
 
 def reward_model_function(rm: RewardModel) -> RewardFunction:
     """The learned reward model's (normalised) score of each response."""
-    return RewardFunction("reward_model", lambda rows, comps: rm.score([r["prompt"] for r in rows], [c.text for c in comps]).tolist())
+    return RewardFunction("model", lambda rows, comps: rm.score([r["prompt"] for r in rows], [c.text for c in comps]).tolist())
 
 
 def ends_at_end_of_turn_function(penalty: float) -> RewardFunction:
-    """-penalty for a response that never reaches end of turn (cut at the length limit), else 0."""
-    return RewardFunction("missing_eos_penalty", lambda rows, comps: [0.0 if c.stopped else -1.0 for c in comps], penalty)
+    """-1 (times `penalty`, its weight) for a response that never reaches end of turn (cut at the length limit), else 0."""
+    return RewardFunction("ends_at_end_of_turn", lambda rows, comps: [0.0 if c.stopped else -1.0 for c in comps], penalty)
+
+
+# GSM8K's answer formats, as lm-eval's gsm8k task extracts them: "#### 42" (strict), else the last number (flexible)
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def extract_answer(text: str, mode: str = "flexible") -> str | None:
+    """The final answer of a solution: "#### 42" (strict), or with `flexible` the last number when there is none;
+    normalised as lm-eval's gsm8k exact match does (commas, dollar signs and a trailing period removed)."""
+    m = _STRICT.search(text)
+    if m:
+        found = m.group(1)
+    elif mode == "flexible":
+        hits = [a or b for a, b in _FLEXIBLE.findall(text)]
+        found = hits[-1] if hits else None
+    else:
+        found = None
+    if found is None:
+        return None
+    return re.sub(r"\.$", "", found.replace(",", "").replace("$", "").strip())
+
+
+def exact_match_function(field_name: str = "answer") -> RewardFunction:
+    """1 when the completion's extracted answer equals the row's `field_name` (extracted the same way), else 0."""
+    def fn(rows, comps):
+        out = []
+        for r, c in zip(rows, comps):
+            if field_name not in r:
+                raise UserError(f"rewards: exact_match needs the field {field_name!r} in every prompt row; a row has only {sorted(r)}")
+            gold = extract_answer(str(r[field_name]))
+            out.append(float(gold is not None and extract_answer(c.text) == gold))
+        return out
+
+    return RewardFunction("exact_match", fn)
+
+
+def tinyworld_function() -> RewardFunction:
+    """1 when the tiny world's checker accepts the answer (it states the fact and no competing value), else 0."""
+    from .tinyworld import check
+
+    def fn(rows, comps):
+        for r in rows:
+            if "answer" not in r or "kind" not in r:
+                raise UserError(f"rewards: tinyworld needs answer and kind in every prompt row (rl/prompts.jsonl of `align data`); "
+                                f"a row has only {sorted(r)}")
+        return [float(check(r, c.text)) for r, c in zip(rows, comps)]
+
+    return RewardFunction("tinyworld", fn)
+
+
+def length_function(lo: int, hi: int) -> RewardFunction:
+    """0 for a reply of lo..hi words, -1 outside."""
+    return RewardFunction("length", lambda rows, comps: [0.0 if lo <= len(c.text.split()) <= hi else -1.0 for c in comps])
+
+
+def python_function(path: str, name: str) -> RewardFunction:
+    """A user's reward function FUNCTION(prompts, completions, **fields) from a .py file the config names."""
+    import importlib.util
+
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".py":
+        raise UserError(f"rewards: python:{path}:{name}: {path} is not a .py file")
+    spec = importlib.util.spec_from_file_location(f"align_user_reward_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"rewards: python:{path}:{name}: importing {path} failed ({type(e).__name__}: {e})") from None
+    user_fn = getattr(module, name, None)
+    if not callable(user_fn):
+        raise UserError(f"rewards: python:{path}:{name}: {path} defines no function {name!r}")
+
+    def fn(rows, comps):
+        fields = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r}) if k not in ("prompt", "input_ids")}
+        try:
+            values = user_fn([r["prompt"] for r in rows], [c.text for c in comps], **fields)
+        except Exception as e:
+            raise UserError(f"rewards: {name} (from {path}) raised {type(e).__name__}: {e}") from None
+        if not isinstance(values, (list, tuple)) or len(values) != len(comps):
+            raise UserError(f"rewards: {name} (from {path}) returned {type(values).__name__}; expected a list of {len(comps)} numbers")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UserError(f"rewards: {name} (from {path}) returned {v!r} for sample {i} ({comps[i].text[:40]!r}); expected a finite number")
+        return values
+
+    return RewardFunction(name, fn)
+
+
+def parse_reward_spec(spec: str) -> tuple[str, list[str], float]:
+    """`NAME[:ARGS][@WEIGHT]` -> (name, args, weight)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"rewards: {spec!r}; expected NAME[:ARGS][@WEIGHT]")
+    body, sep, weight = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    try:
+        w = float(weight) if sep else 1.0
+    except ValueError:
+        raise UserError(f"rewards: {spec!r}: weight {weight!r} is not a number") from None
+    if not math.isfinite(w):
+        raise UserError(f"rewards: {spec!r}: weight must be finite")
+    name, *args = body.split(":")
+    return name, args, w
+
+
+def build_rewards(specs: list[str], reward_model: "RewardModel | None", missing_eos_penalty: float) -> list[RewardFunction]:
+    """The reward functions a config names (see the module docstring); `reward_model` serves `model`."""
+    out = []
+    for spec in specs:
+        name, args, weight = parse_reward_spec(spec)
+        if name == "model" and not args:
+            if reward_model is None:
+                raise UserError("rewards: model needs reward_model (a reward model directory)")
+            f = reward_model_function(reward_model)
+        elif name == "tinyworld" and not args:
+            f = tinyworld_function()
+        elif name == "exact_match" and len(args) <= 1:
+            f = exact_match_function(args[0] if args else "answer")
+        elif name == "ends_at_end_of_turn" and not args:
+            f = ends_at_end_of_turn_function(1.0)
+            if "@" not in spec:
+                weight = missing_eos_penalty
+        elif name == "length" and len(args) == 2 and all(a.isdigit() for a in args) and int(args[0]) <= int(args[1]):
+            f = length_function(int(args[0]), int(args[1]))
+        elif name == "python" and len(args) == 2:
+            f = python_function(args[0], args[1])
+        else:
+            raise UserError(f"rewards: {spec!r}; expected one of model, tinyworld, exact_match[:FIELD], ends_at_end_of_turn, "
+                            "length:MIN:MAX, python:FILE.py:FUNCTION, each optionally @WEIGHT")
+        f.weight = weight
+        out.append(f)
+    if not out:
+        raise UserError("rewards: expected at least one reward")
+    if len({f.name for f in out}) < len(out):
+        raise UserError(f"rewards: {specs}: each reward may appear once")
+    return out
+
+
+def needs_reward_model(specs: list[str]) -> bool:
+    """True when `model` is among the rewards."""
+    return any(parse_reward_spec(s)[0] == "model" for s in specs)
 
 
 def total_reward(functions: list[RewardFunction], rows: list[dict], completions: list) -> tuple[torch.Tensor, dict]:

@@ -30,29 +30,33 @@ def main(cfg) -> dict:
     from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
     from alignment.modeling import (load_config, check_model_dir, context_length, load_model, load_tokenizer, lora_config, same_tokenizer,
                                     save_stage_outputs)
-    from alignment.rewards import RewardModel, ends_at_end_of_turn_function, reward_model_function, reward_stats, trl_reward_functions
+    from alignment.data import prompt_columns
+    from alignment.rewards import RewardModel, build_rewards, needs_reward_model, reward_stats, trl_reward_functions
 
     script, args, model_args = cfg
     t0 = time.time()
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
     check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    check_model_dir(script.reward_model, "reward_model")
+    use_rm = needs_reward_model(script.rewards)
+    if use_rm:
+        check_model_dir(script.reward_model, "reward_model")
+        reward_stats(script.reward_model, script.normalize_reward)
+    build_rewards([s for s in script.rewards if not s.startswith("model")], None, script.missing_eos_penalty)  # check the specs now
     if args.beta < 0:
         raise UserError(f"beta: {args.beta}; expected the KL coefficient >= 0")
-    reward_stats(script.reward_model, script.normalize_reward)
     tok = load_tokenizer(model_args.model_name_or_path)
-    if not same_tokenizer(tok, load_tokenizer(script.reward_model)):
+    if use_rm and not same_tokenizer(tok, load_tokenizer(script.reward_model)):
         raise UserError(f"reward_model: {script.reward_model}: its tokenizer differs from the policy's; expected the same tokenizer")
     context = context_length(load_config(model_args.model_name_or_path, "model_name_or_path"))
     rows = read_prompt_rows(script.prompts, script.max_prompts or None)
     kept = encode_prompts(tok, rows, context, args.max_completion_length or 0, script.long_prompts)
     # the prompt rows' other fields reach the reward functions as columns (TRL passes them as keyword arguments)
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in kept])
+    dataset = Dataset.from_list(prompt_columns(kept))
 
     output_dir = args.output_dir
     run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args),
-                   [model_args.model_name_or_path, script.reward_model, script.prompts], "grpo")
+                   [model_args.model_name_or_path, script.prompts] + ([script.reward_model] if use_rm else []), "grpo")
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
@@ -62,8 +66,9 @@ def main(cfg) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if script.cpu_threads and device.type == "cpu":
         torch.set_num_threads(script.cpu_threads)
-    rm = RewardModel(script.reward_model, script.normalize_reward, script.reward_load_in_8bit, script.reward_batch_size, device)
-    functions = [reward_model_function(rm), ends_at_end_of_turn_function(script.missing_eos_penalty)]
+    rm = RewardModel(script.reward_model, script.normalize_reward, script.reward_load_in_8bit, script.reward_batch_size, device) \
+        if use_rm else None
+    functions = build_rewards(script.rewards, rm, script.missing_eos_penalty)
     args.reward_weights = [f.weight for f in functions]
     policy = load_model(model_args.model_name_or_path, model_args, "causal", tok, training=True, device=device)
     trainer = SafeGRPOTrainer(model=policy, reward_funcs=trl_reward_functions(functions, tok), args=args, train_dataset=dataset,

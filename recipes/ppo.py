@@ -56,7 +56,7 @@ def main(cfg) -> dict:
     from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, load_model, load_tokenizer, same_tokenizer,
                                     save_stage_outputs)
     from alignment.ppo import PPO, ValueHead, kl_controller, plot_curves
-    from alignment.rewards import RewardModel, ends_at_end_of_turn_function, reward_model_function, reward_stats, total_reward
+    from alignment.rewards import RewardModel, build_rewards, needs_reward_model, reward_stats, total_reward
     from alignment.sampling import stop_token_ids
     from alignment.tracking import Trackers, check_report_to
 
@@ -66,7 +66,10 @@ def main(cfg) -> dict:
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
     check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    check_model_dir(cfg.reward_model, "reward_model")
+    use_rm = needs_reward_model(cfg.rewards)
+    if use_rm:
+        check_model_dir(cfg.reward_model, "reward_model")
+    build_rewards([s for s in cfg.rewards if not s.startswith("model")], None, cfg.missing_eos_penalty)  # check the specs now
     if cfg.value_model != "policy":
         check_model_dir(cfg.value_model, "value_model")
     kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)  # kl_coef < 0 etc.: fail before loading
@@ -76,9 +79,10 @@ def main(cfg) -> dict:
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"kl_estimator: {cfg.kl_estimator!r}; expected 'k1' or 'k3'")
     check_report_to(cfg.report_to)
-    reward_stats(cfg.reward_model, cfg.normalize_reward)
     tok = load_tokenizer(model_args.model_name_or_path)
-    if not same_tokenizer(tok, load_tokenizer(cfg.reward_model)):
+    if use_rm:
+        reward_stats(cfg.reward_model, cfg.normalize_reward)
+    if use_rm and not same_tokenizer(tok, load_tokenizer(cfg.reward_model)):
         raise UserError(f"reward_model: {cfg.reward_model}: its tokenizer differs from the policy's ({model_args.model_name_or_path}); "
                         "expected both stages to use the same tokenizer")
     context = context_length(load_config(model_args.model_name_or_path, "model_name_or_path"))
@@ -91,7 +95,8 @@ def main(cfg) -> dict:
               file=sys.stderr)
     stop_ids = stop_token_ids(tok)
 
-    inputs = [model_args.model_name_or_path, cfg.reward_model, cfg.prompts] + ([cfg.value_model] if cfg.value_model != "policy" else [])
+    inputs = [model_args.model_name_or_path, cfg.prompts] + ([cfg.reward_model] if use_rm else []) + \
+        ([cfg.value_model] if cfg.value_model != "policy" else [])
     run = StageRun(cfg.output_dir, cfg.overwrite, fingerprint_config(cfg, model_args), inputs, "ppo")
     work = run.start()
 
@@ -111,11 +116,18 @@ def main(cfg) -> dict:
         trunk = AutoModel.from_pretrained(cfg.value_model, dtype=torch.float32)
         hidden = trunk.config.hidden_size
     value_head = ValueHead(hidden, trunk).to(device)
-    rm = RewardModel(cfg.reward_model, cfg.normalize_reward, cfg.reward_load_in_8bit, cfg.reward_batch_size, device)
-    rewards = [reward_model_function(rm), ends_at_end_of_turn_function(cfg.missing_eos_penalty)]
+    rm = RewardModel(cfg.reward_model, cfg.normalize_reward, cfg.reward_load_in_8bit, cfg.reward_batch_size, device) if use_rm else None
+    rewards = build_rewards(cfg.rewards, rm, cfg.missing_eos_penalty)
+    reward_means: dict = {}  # each reward's mean over the last rollout batch, logged as rewards/<name>/mean
+
+    def score(rows, completions):
+        total, means = total_reward(rewards, rows, completions)
+        reward_means.clear()
+        reward_means.update(means)
+        return total
+
     hp = PPOHyper(**{k: getattr(cfg, k) for k in PPOHyper.__dataclass_fields__})
-    ppo = PPO(policy, value_head, tok, lambda rows, completions: total_reward(rewards, rows, completions)[0], train_rows, hp,
-              stop_ids, ref_model=ref_model, device=device)
+    ppo = PPO(policy, value_head, tok, score, train_rows, hp, stop_ids, ref_model=ref_model, device=device)
 
     # -- resume a killed run of the same config and inputs from its last checkpoint
     ckpt = latest_checkpoint(work) if run.resumed else None
@@ -131,6 +143,7 @@ def main(cfg) -> dict:
     bar = tqdm(total=cfg.num_updates, initial=ppo.step, desc="ppo", unit="update")
     while ppo.step < cfg.num_updates:
         m = ppo.update()
+        m.update({f"rewards/{k}/mean": v for k, v in reward_means.items()})  # the rollout's rewards (also kept in history)
         if ppo.step % cfg.logging_steps == 0 or ppo.step == cfg.num_updates:
             trackers.log(m, ppo.step)
         bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}", clip=f"{m['policy/clipfrac_avg']:.2f}")
