@@ -467,7 +467,11 @@ def preference_pair(row: Row) -> dict:
             raise UserError(f"{where}: {name} is an empty completion")
     if chosen[0]["content"].strip() == rejected[0]["content"].strip():
         raise UserError(f"{where}: chosen equals rejected; expected two different completions")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    meta = {k: v for k, v in d.items() if k not in ("prompt", "chosen", "rejected") and isinstance(v, (str, int, float, bool))}
+    if meta:  # the row's other plain fields (e.g. tinyworld's rejected_kind), for per-group reports
+        pair["meta"] = meta
+    return pair
 
 
 def convert_rows(rows: list[Row], convert, invalid_rows: str = "error", label: str = "data") -> list:
@@ -576,7 +580,7 @@ def tokenize_preference(tokenizer, pairs: list[dict], max_length: int | None, to
             if chosen == rejected:  # they differed only after the cut: no preference signal left
                 n_dropped += 1
                 continue
-        out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected})
+        out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, **({"group": p["group"]} if "group" in p else {})})
     if n_long:
         print(f"{label}: {n_long} of {len(pairs)} pairs longer than max_length={max_length}: "
               f"{n_long - n_dropped if too_long == 'truncate' else 0} truncated, {n_dropped} dropped", file=sys.stderr)

@@ -147,10 +147,12 @@ def write_report(rep: dict, path: str | Path, samples: list[dict] | None = None)
 # ---------------------------------------------------------------------------------------------------- pipeline report
 
 # the columns a reader compares across stages: (column, task, metric, chance or parity line for the plot)
+PAIRED_COLUMN = "answer acc Δ vs SFT (paired)"
 HEADLINE_COLUMNS = (
     ("bits/byte (held-out)", "perplexity", "bits_per_byte", None),
     ("MC acc (chance 0.25)", "mmlu", "acc", 0.25),
     ("answer accuracy", "answers", "answer_accuracy", None),
+    (PAIRED_COLUMN, None, None, 0.0),
     ("well-formed, ends at <|im_end|>", "answers", "well_formed_rate", None),
     ("RM win rate vs SFT", "win_rate", "win_rate", 0.5),
     ("KL to SFT (nats)", "win_rate", "kl", None),
@@ -174,11 +176,41 @@ def headline_rows(reports: dict[str, dict]) -> dict[str, dict[str, tuple[float, 
     for name, rep in reports.items():
         cells = {}
         for col, task, metric, _ in HEADLINE_COLUMNS:
+            if task is None:  # computed across reports (add_paired_answer_deltas)
+                continue
             r = _task_result(rep, task)
             if r is not None and isinstance(r.get(metric), (int, float)):
                 cells[col] = (float(r[metric]), r.get(f"{metric}_stderr"))
         out[name] = cells
     return out
+
+
+def paired_delta(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of b - a over the same items, and its standard error (paired: the items' own difficulty cancels)."""
+    from alignment.stats import mean_stderr
+
+    if len(a) != len(b) or not a:
+        raise UserError(f"paired comparison: {len(a)} against {len(b)} items; expected the same items in both")
+    return mean_stderr([y - x for x, y in zip(a, b)])
+
+
+def answers_correct(samples_path: str | Path) -> list[float] | None:
+    """Per-question correctness (1/0) of the answers task in a FILE.samples.jsonl, in question order (None without it)."""
+    p = Path(samples_path)
+    if not p.is_file():
+        return None
+    recs = [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    got = sorted((r["doc_id"], float(r["correct"])) for r in recs if r.get("task") == "answers")
+    return [c for _, c in got] or None
+
+
+def add_paired_answer_deltas(rows: dict[str, dict], correct: dict[str, list[float] | None], baseline: str = "sft") -> None:
+    """Add the column 'answer acc Δ vs SFT (paired)' to each model's row: the difference in answer accuracy over the
+    same held-out questions, with its paired standard error (what "beyond noise" is judged by)."""
+    base = correct.get(baseline)
+    for name, cells in rows.items():
+        if name != baseline and base is not None and correct.get(name) is not None and len(correct[name]) == len(base):
+            cells[PAIRED_COLUMN] = paired_delta(base, correct[name])
 
 
 def headline_markdown(rows: dict[str, dict]) -> list[str]:
@@ -192,7 +224,8 @@ def headline_markdown(rows: dict[str, dict]) -> list[str]:
         vals = []
         for c in cols:
             v, se = cells.get(c, (None, None))
-            vals.append("" if v is None else f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) and math.isfinite(se) else ""))
+            num = f"{v:+.3f}" if c == PAIRED_COLUMN and v is not None else f"{v:.3f}" if v is not None else ""
+            vals.append(num + (f" ± {se:.3f}" if v is not None and isinstance(se, (int, float)) and math.isfinite(se) else ""))
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     return lines
 
@@ -235,7 +268,7 @@ def _short(text, n: int) -> str:
 
 def write_pipeline_report(out_dir: str | Path, recipe: str, timings: list[dict], reports: dict[str, dict],
                           samples: dict[str, list[dict]] | None = None, health: dict | None = None,
-                          stage_metrics: dict | None = None) -> Path:
+                          stage_metrics: dict | None = None, correct: dict[str, list[float] | None] | None = None) -> Path:
     """report.md (+ report.json, report_times.png, report_models.png) of a pipeline run: stage times, the headline
     table built from the models' eval reports (the numbers `align compare` shows), a panel per headline metric,
     the reward model's health, and a few sample answers per model (checked answers, else win-rate samples)."""
@@ -260,13 +293,17 @@ def write_pipeline_report(out_dir: str | Path, recipe: str, timings: list[dict],
     atomic_write_bytes(out / "report_times.png", buf.getvalue())
     lines += ["![stage times](report_times.png)", ""]
     rows = headline_rows(reports)
+    add_paired_answer_deltas(rows, correct or {})
     table = headline_markdown(rows)
     if table:
         lines += ["## Models", "", "Values are mean ± one standard error, from each model's eval report "
                   "(`align compare` shows the same numbers); the full reports are listed in report.json.", ""] + table + [""]
         if health:
+            groups = health.get("eval_accuracy_by_group") or {}
+            by = "".join(f"{', ' if i else '; by kind of rejected answer: '}{g} {v['accuracy']:.3f} ({v['pairs']})"
+                         for i, (g, v) in enumerate(groups.items()))
             lines += [f"Reward model held-out pair accuracy: {health.get('eval_accuracy_before', float('nan')):.3f} before training -> "
-                      f"{health['eval_accuracy']:.3f} after ({health.get('eval_pairs')} pairs; gate {health.get('min_eval_accuracy')}).", ""]
+                      f"{health['eval_accuracy']:.3f} after ({health.get('eval_pairs')} pairs; gate {health.get('min_eval_accuracy')}){by}.", ""]
         if plot_headline(rows, out / "report_models.png"):
             lines += ["![models](report_models.png)", ""]
     for name, recs in (samples or {}).items():

@@ -41,6 +41,8 @@ class RewardScriptArguments:
     too_long: str = field(default="truncate", metadata={"help": "Pairs over max_length: 'truncate' (keep the prompt's end), 'drop' or 'error'."})
     min_eval_accuracy: float = field(default=0.5, metadata={"help": "Health gate: held-out pairwise accuracy must be >= this.",
                                                             "range": (0, 1, True, True, ())})
+    eval_group_field: str | None = field(default=None, metadata={"help": "A field of the held-out rows (e.g. rejected_kind) to report "
+                                                                 "held-out accuracy per value of (wrong facts apart from style)."})
     min_eval_improvement: float = field(default=0.0, metadata={"help": "Health gate: held-out accuracy must exceed the untrained "
                                                                "model's by more than this (0 = any improvement; -1 = off).",
                                                                "range": (-1, 1, True, True, ())})
@@ -54,7 +56,8 @@ def to_reward_rows(tokenizer, pairs, wheres, max_length, too_long, label):
     from alignment.data import tokenize_preference
 
     rows = tokenize_preference(tokenizer, pairs, max_length, too_long, label, wheres)
-    out = [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
+    out = [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"],
+            **({"group": r["group"]} if "group" in r else {})} for r in rows]
     pad = tokenizer.pad_token_id
     if any(pad in r["chosen_ids"] or pad in r["rejected_ids"] for r in out):
         # the model finds the last real token as the last non-pad id; a pad id inside a sequence would move it
@@ -116,8 +119,12 @@ def main(cfg) -> dict:
         pairs, wheres = pairs[: script.max_train_samples], wheres[: script.max_train_samples]
     if script.max_eval_samples:
         eval_pairs, eval_wheres = eval_pairs[: script.max_eval_samples], eval_wheres[: script.max_eval_samples]
+    if script.eval_group_field:
+        for p in eval_pairs:
+            p["group"] = str(p.get("meta", {}).get(script.eval_group_field, "(none)"))
     train_rows = to_reward_rows(tokenizer, pairs, wheres, args.max_length, script.too_long, "train_data")
     eval_rows = to_reward_rows(tokenizer, eval_pairs, eval_wheres, args.max_length, script.too_long, "eval_data")
+    eval_groups = [r.pop("group", None) for r in eval_rows]
 
     # output: every input checked; work in the partial sibling, resume it when the same run was killed
     inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
@@ -144,9 +151,14 @@ def main(cfg) -> dict:
     changed, n_tensors = modeling.changed_parameters(trainer.model, before)
 
     # health gates: a reward model that cannot rank held-out pairs, or no better than untrained, only teaches PPO noise
-    acc, _, _ = pairwise_accuracy(trainer.model, eval_rows, tokenizer.pad_token_id, script.score_batch_size)
+    acc, eval_chosen, eval_rejected = pairwise_accuracy(trainer.model, eval_rows, tokenizer.pad_token_id, script.score_batch_size)
     improved = script.min_eval_improvement < 0 or acc > acc_before + script.min_eval_improvement
+    by_group: dict[str, list[float]] = {}
+    for g, c, r in zip(eval_groups, eval_chosen, eval_rejected):
+        if g is not None:
+            by_group.setdefault(g, []).append(float(c > r))
     health = {"eval_accuracy": acc, "eval_accuracy_before": acc_before, "eval_pairs": len(eval_rows),
+              "eval_accuracy_by_group": {g: {"accuracy": sum(v) / len(v), "pairs": len(v)} for g, v in sorted(by_group.items())},
               "min_eval_accuracy": script.min_eval_accuracy, "min_eval_improvement": script.min_eval_improvement,
               "passed": acc >= script.min_eval_accuracy and improved}
     atomic_write_json(f"{args.output_dir}/health.json", health)
@@ -174,7 +186,8 @@ def main(cfg) -> dict:
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
     run.commit()
     print(f"reward: {result.global_step} steps on {len(train_rows)} pairs, train loss {result.training_loss:.4f}; "
-          f"held-out accuracy {acc_before:.3f} -> {acc:.3f} on {len(eval_rows)} pairs (gate {script.min_eval_accuracy}); "
+          f"held-out accuracy {acc_before:.3f} -> {acc:.3f} on {len(eval_rows)} pairs (gate {script.min_eval_accuracy})"
+          + "".join(f", {g} {v['accuracy']:.3f} ({v['pairs']})" for g, v in health["eval_accuracy_by_group"].items()) + "; "
           f"reward mean {stats['mean']:.3f} std {stats['std']:.3f}; {changed}/{n_tensors} tensors changed; "
           f"merged -> {output_dir}/merged in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary

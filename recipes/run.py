@@ -123,7 +123,7 @@ def sample_records(report_path: str, n_answers: int = 5, n_winrate: int = 3) -> 
 
 def main(recipe_dir: str, pc: PipelineConfig) -> dict:
     """Check every stage YAML, run the stages (skipping finished ones), stop at the first failure, write the report."""
-    from evals.report import load_report, write_pipeline_report
+    from evals.report import answers_correct, load_report, write_pipeline_report
 
     t_start = time.time()
     recipe = Path(recipe_dir)
@@ -168,10 +168,11 @@ def main(recipe_dir: str, pc: PipelineConfig) -> dict:
         evals = {n[len("eval_"):]: outputs[n] for n, stage, _ in plan if stage == "eval" and n.startswith("eval_") and outputs[n]}
         reports = {m: load_report(p) for m, p in evals.items() if Path(p).is_file()}
         samples = {m: sample_records(p) for m, p in evals.items()}
+        correct = {m: answers_correct(p[:-len(".json")] + ".samples.jsonl") for m, p in evals.items()}
         reward = next((outputs[n] for n, stage, _ in plan if stage == "reward"), None)
         health = json.loads(Path(reward, "health.json").read_text()) if reward and Path(reward, "health.json").is_file() else None
         stage_metrics = {n: read_metrics(outputs[n]) for n, stage, _ in plan if stage != "eval"}
-        path = write_pipeline_report(out_dir, recipe.name, timings, reports, samples, health, stage_metrics)
+        path = write_pipeline_report(out_dir, recipe.name, timings, reports, samples, health, stage_metrics, correct)
         result["report"] = str(path)
     total = time.time() - t_start
     ran = sum(t["status"] == "ran" for t in timings)
