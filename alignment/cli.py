@@ -60,6 +60,9 @@ def main(argv=None) -> None:
             sys.exit(2)
         raise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from alignment import config
+
+    config.PROG = f"align {stage}"  # usage and --help name the command the user typed
     module.cli(rest)
 
 

@@ -61,6 +61,7 @@ RANGES: dict[str, tuple] = {
 }
 
 _cpu_note_shown = False
+PROG = "align"  # the usage line's command; alignment.cli sets it to `align <stage>`
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -204,7 +205,7 @@ def parse_config(dataclass_types, argv=None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        StrictParser(dataclass_types, allow_abbrev=False, prog=f"align {_stage_name()}").print_help()
+        StrictParser(dataclass_types, allow_abbrev=False, prog=PROG).print_help()
         sys.exit(0)
     data: dict = {}
     if "--config" in argv:
@@ -235,10 +236,6 @@ def parse_config(dataclass_types, argv=None):
         raise UserError(f"command line: unknown key '{key}'{_closest(key, valid)}")
     _check_ranges(cfgs, where if data else "command line")
     return tuple(cfgs)
-
-
-def _stage_name() -> str:
-    return os.environ.get("ALIGN_STAGE", Path(sys.argv[0]).stem)
 
 
 def config_dict(*cfgs) -> dict:

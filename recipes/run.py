@@ -40,6 +40,7 @@ from alignment.io import atomic_write_json
 class PipelineConfig:
     """A recipe's pipeline.yaml: which stages run, in which order, and where the report goes."""
 
+    recipe: str = field(default="", metadata={"help": "The recipe directory (the command line's first argument)."})
     stages: list[str] = field(default_factory=list, metadata={"help": "Stage names in order; `eval_x` runs stage eval with eval_x.yaml."})
     output_dir: str = field(default="", metadata={"help": "Where markers and report.md go (default runs/<recipe>)."})
     from_stage: str | None = field(default=None, metadata={"help": "Redo this stage and every later one (`--from STAGE`)."})
@@ -121,12 +122,12 @@ def sample_records(report_path: str, n_answers: int = 5, n_winrate: int = 3) -> 
     return answers or wins
 
 
-def main(recipe_dir: str, pc: PipelineConfig) -> dict:
+def main(pc: PipelineConfig) -> dict:
     """Check every stage YAML, run the stages (skipping finished ones), stop at the first failure, write the report."""
     from evals.report import answers_correct, load_report, write_pipeline_report
 
     t_start = time.time()
-    recipe = Path(recipe_dir)
+    recipe = Path(pc.recipe)
     out_dir = Path(pc.output_dir or f"runs/{recipe.name}")
     if not pc.stages:
         raise UserError(f"{recipe / 'pipeline.yaml'}: stages: expected a list of stage names")
@@ -185,6 +186,9 @@ def main(recipe_dir: str, pc: PipelineConfig) -> dict:
 def cli(argv=None) -> None:
     """`align run RECIPE_DIR [--from STAGE] [--key value ...]` (keys of PipelineConfig override pipeline.yaml)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: align run RECIPE_DIR [--from STAGE] [--key value ...]\n\n" + (__doc__ or "").strip())
+        return
     if not argv or argv[0].startswith("-"):
         raise UserError("command line: expected a recipe directory, e.g. `align run recipes/tiny`")
     recipe, rest = Path(argv[0]), argv[1:]
@@ -192,8 +196,8 @@ def cli(argv=None) -> None:
     if not pipeline.is_file():
         raise UserError(f"{pipeline}: not found; expected a recipe directory with pipeline.yaml")
     rest = ["--from_stage" if a == "--from" else a for a in rest]
-    (pc,) = parse_config([PipelineConfig], ["--config", str(pipeline), *rest])
-    main(str(recipe), pc)
+    (pc,) = parse_config([PipelineConfig], ["--config", str(pipeline), "--recipe", str(recipe), *rest])
+    main(pc)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,18 @@ def test_export_files_and_generate(tiny_model_dir):
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     enc = tok("the cat", return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
-    assert out.shape[1] == enc["input_ids"].shape[1] + 6 or out[0, -1].item() in model.generation_config.eos_token_id
+    # greedy decoding of the exported model equals our own model's argmax continuation, token for token
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, enc["input_ids"].shape[1]:].tolist()
+    from pretrain.export import load_hf
+
+    ours = load_hf(tiny_model_dir).eval()
+    ids = enc["input_ids"]
+    for _ in range(6):
+        with torch.no_grad():
+            ids = torch.cat([ids, ours(ids)[:, -1:].argmax(-1)], 1)
+    assert out == ids[0, enc["input_ids"].shape[1]:].tolist()
 
 
 def test_init_scales_residual_projections():

@@ -195,20 +195,32 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, reward_dir, prompts_file, 
 
 @pytest.mark.parametrize("stage", ["rloo", "grpo"])
 def test_trl_online_stages(stage, tiny_model_dir, reward_dir, prompts_file, tmp_path):
-    """`align rloo` / `align grpo`: two TRL steps with our reward model; adapter + merged written, weights changed."""
+    """`align rloo` / `align grpo`: two TRL steps with our reward model and a user's reward function that records what
+    it was given. TRL's logged mean of each reward equals the mean of the values our functions returned (names, weights
+    and columns reach TRL), the row field `answer` reaches the function, and the merged weights moved."""
     import importlib
 
     from transformers import AutoModelForCausalLM
 
+    (tmp_path / "mine.py").write_text(
+        "import json\n"
+        "def n_words(prompts, completions, answer=None, **fields):\n"
+        f"    with open({str(tmp_path / 'calls.jsonl')!r}, 'a') as f:\n"
+        "        f.write(json.dumps({'answer': answer, 'values': [len(c.split()) / 10 for c in completions]}) + '\\n')\n"
+        "    return [len(c.split()) / 10 for c in completions]\n")
     out = tmp_path / stage
     s = importlib.import_module(f"recipes.{stage}").cli([
         "--model_name_or_path", str(tiny_model_dir), "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
         "--reward_model", str(reward_dir), "--prompts", str(prompts_file), "--output_dir", str(out),
+        "--rewards", "model", f"python:{tmp_path / 'mine.py'}:n_words@0.5", "ends_at_end_of_turn",
         "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "6",
         "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no"])
     assert s["steps"] == 2 and s["last_log"] is not None
     log = s["last_log"]
-    assert "rewards/reward_model/mean" in log and "rewards/missing_eos_penalty/mean" in log, sorted(log)
+    assert {"rewards/model/mean", "rewards/n_words/mean", "rewards/ends_at_end_of_turn/mean"} <= set(log), sorted(log)
+    calls = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert all(a == "house" for c in calls for a in c["answer"])  # the prompt rows' field arrived as a column
+    assert float(log["rewards/n_words/mean"]) == pytest.approx(sum(calls[-1]["values"]) / len(calls[-1]["values"]), abs=1e-4)
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "summary.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -52,27 +52,27 @@ def test_run_skips_finished_stages_redoes_from_and_reports(tmp_path, tiny_model_
 
     first_tok = (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns
     capsys.readouterr()
-    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False))
+    res = main(PipelineConfig(recipe=str(rec), stages=["data", "tokenizer"], output_dir=str(runs), report=False))
     assert [t["status"] for t in res["stages"]] == ["cached", "cached"]
     assert (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns == first_tok
-    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False, from_stage="tokenizer"))
+    res = main(PipelineConfig(recipe=str(rec), stages=["data", "tokenizer"], output_dir=str(runs), report=False, from_stage="tokenizer"))
     assert [t["status"] for t in res["stages"]] == ["cached", "ran"]
     assert (runs / "tokenizer/tokenizer.json").stat().st_mtime_ns != first_tok
     # a changed early stage redoes every later one: their inputs changed with it
     (rec / "data.yaml").write_text((rec / "data.yaml").read_text().replace("seed: 1", "seed: 2"))
-    res = main(str(rec), PipelineConfig(stages=["data", "tokenizer"], output_dir=str(runs), report=False))
+    res = main(PipelineConfig(recipe=str(rec), stages=["data", "tokenizer"], output_dir=str(runs), report=False))
     assert [t["status"] for t in res["stages"]] == ["ran", "ran"]
 
 
 def test_failing_stage_stops_the_run_with_its_error(tmp_path):
     rec = _recipe(tmp_path, ["tokenizer_bad", "data"])
     with pytest.raises(UserError, match=r"stage tokenizer_bad failed \(exit 2\).*vocab_sise.*vocab_size"):
-        main(str(rec), PipelineConfig(stages=["tokenizer_bad", "data"], output_dir=str(tmp_path / "runs"), report=False))
+        main(PipelineConfig(recipe=str(rec), stages=["tokenizer_bad", "data"], output_dir=str(tmp_path / "runs"), report=False))
     assert not (tmp_path / "runs/stages/tokenizer_bad.json").exists() and not (tmp_path / "runs/data").exists()
     with pytest.raises(UserError, match="--from: 'sft' is not in this pipeline"):
-        main(str(rec), PipelineConfig(stages=["data"], output_dir=str(tmp_path / "runs"), from_stage="sft"))
+        main(PipelineConfig(recipe=str(rec), stages=["data"], output_dir=str(tmp_path / "runs"), from_stage="sft"))
     with pytest.raises(UserError, match="missing.yaml: not found"):
-        main(str(rec), PipelineConfig(stages=["data", "sft_missing"], output_dir=str(tmp_path / "runs")))
+        main(PipelineConfig(recipe=str(rec), stages=["data", "sft_missing"], output_dir=str(tmp_path / "runs")))
 
 
 def test_report_table_comes_from_eval_reports_and_drops_unmeasured_columns(tmp_path):
