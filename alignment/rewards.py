@@ -9,7 +9,8 @@ The online RL stages take `rewards`, a list of `NAME[:ARGS][@WEIGHT]` (weight 1 
 weighted sum, and each reward's mean is logged as `rewards/<NAME>/mean` (TRL's names):
 
     model                     the learned reward model (`reward_model`, normalised with its reward_stats.json)
-    tinyworld                 1 when the tiny world's checker accepts the answer (rows carry answer, kind, ...), else 0
+    tinyworld[:PARTIAL]       1 when the tiny world's checker accepts the answer (rows carry answer, kind, ...); else
+                              PARTIAL (default 0) when it is at least about the asked person (or sum); else 0
     exact_match[:FIELD]       1 when the number extracted from the completion (GSM8K's "#### 42", else its last number)
                               equals the row's FIELD (default `answer`, extracted the same way), else 0
     ends_at_end_of_turn       0 when the completion ended at end of turn, -1 when the length limit cut it
@@ -169,16 +170,17 @@ def exact_match_function(field_name: str = "answer") -> RewardFunction:
     return RewardFunction("exact_match", fn)
 
 
-def tinyworld_function() -> RewardFunction:
-    """1 when the tiny world's checker accepts the answer (it states the fact and no competing value), else 0."""
-    from .tinyworld import check
+def tinyworld_function(partial: float = 0.0) -> RewardFunction:
+    """1 when the tiny world's checker accepts the answer (it states the fact and no competing value); else `partial`
+    when the answer is at least about the asked person (or sum), else 0."""
+    from .tinyworld import about_the_asked, check
 
     def fn(rows, comps):
         for r in rows:
             if "answer" not in r or "kind" not in r:
                 raise UserError(f"rewards: tinyworld needs answer and kind in every prompt row (rl/prompts.jsonl of `align data`); "
                                 f"a row has only {sorted(r)}")
-        return [float(check(r, c.text)) for r, c in zip(rows, comps)]
+        return [1.0 if check(r, c.text) else partial if partial and about_the_asked(r, c.text) else 0.0 for r, c in zip(rows, comps)]
 
     return RewardFunction("tinyworld", fn)
 
@@ -221,6 +223,13 @@ def python_function(path: str, name: str) -> RewardFunction:
     return RewardFunction(name, fn)
 
 
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0 <= float(text) <= 1
+    except ValueError:
+        return False
+
+
 def parse_reward_spec(spec: str) -> tuple[str, list[str], float]:
     """`NAME[:ARGS][@WEIGHT]` -> (name, args, weight)."""
     if not isinstance(spec, str) or not spec.strip():
@@ -245,8 +254,8 @@ def build_rewards(specs: list[str], reward_model: "RewardModel | None", missing_
             if reward_model is None:
                 raise UserError("rewards: model needs reward_model (a reward model directory)")
             f = reward_model_function(reward_model)
-        elif name == "tinyworld" and not args:
-            f = tinyworld_function()
+        elif name == "tinyworld" and len(args) <= 1 and all(_is_fraction(a) for a in args):
+            f = tinyworld_function(float(args[0]) if args else 0.0)
         elif name == "exact_match" and len(args) <= 1:
             f = exact_match_function(args[0] if args else "answer")
         elif name == "ends_at_end_of_turn" and not args:
@@ -258,7 +267,7 @@ def build_rewards(specs: list[str], reward_model: "RewardModel | None", missing_
         elif name == "python" and len(args) == 2:
             f = python_function(args[0], args[1])
         else:
-            raise UserError(f"rewards: {spec!r}; expected one of model, tinyworld, exact_match[:FIELD], ends_at_end_of_turn, "
+            raise UserError(f"rewards: {spec!r}; expected one of model, tinyworld[:PARTIAL], exact_match[:FIELD], ends_at_end_of_turn, "
                             "length:MIN:MAX, python:FILE.py:FUNCTION, each optionally @WEIGHT")
         f.weight = weight
         out.append(f)

@@ -429,6 +429,18 @@ def check(record: dict, response: str) -> bool:
     return not any(_mentions(response, c) for c in others)
 
 
+def about_the_asked(record: dict, response: str) -> bool:
+    """True when the answer is about what was asked: it names the asked person and no other (people questions), or
+    both numbers of the sum (arithmetic). A partial, still verifiable, signal: the wrong person is the commonest error."""
+    if not isinstance(response, str):
+        return False
+    if record.get("kind") == "arithmetic":
+        return all(_mentions(response, x) for x in str(record["entity"]).split("+"))
+    entity = record.get("entity")
+    return bool(entity) and _mentions(response, entity) and not any(_mentions(response, n) for n in NAMES
+                                                                     if n not in (entity, record.get("answer")))
+
+
 def well_formed(response: str, stopped: bool, max_words: int = 30) -> bool:
     """A well-formed answer: generation ended at end-of-turn, one short sentence-like text, no role markers."""
     text = response.strip()
