@@ -1,4 +1,4 @@
-"""Export the from-scratch model as a plain Hugging Face Llama directory, and import one back; or write GGUF for llama.cpp.
+"""Export the from-scratch model as a Hugging Face Llama directory and import one back; write GGUF for llama.cpp.
 
     align export --tokenizer runs/tiny/tokenizer --preset tiny --output_dir runs/tiny/init
     align export --tokenizer runs/tiny/tokenizer --checkpoint runs/tiny/pretrain/ckpt/step_000500.pt --output_dir out
@@ -122,10 +122,11 @@ GGUF_BLOCK_NAMES = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
-# The text llama.cpp's BPE pre-tokenizers split the same way as a tokenizer.json pre_tokenizer does (llama.cpp
-# src/llama-vocab.cpp): "gpt-2" is GPT-2's regex alone; "smollm" applies \p{N} (every digit alone) before it, which
-# is tokenizers' Digits(individual_digits=True) followed by ByteLevel(use_regex=True); smollm also turns off
-# llama.cpp's clean-up of spaces before punctuation when decoding, as clean_up_tokenization_spaces=False does.
+# tokenizer.ggml.pre values -> the tokenizer.json pre_tokenizer steps that split text the same way (llama.cpp's
+# regex lists are in its src/llama-vocab.cpp). "gpt-2" is GPT-2's regex alone; "smollm" first splits off every
+# digit (\p{N}), then applies GPT-2's regex: tokenizers' Digits(individual_digits=True) + ByteLevel(use_regex=True),
+# our tokenizer's pre-tokenizer. smollm also decodes without llama.cpp's clean-up of spaces before punctuation, as
+# our clean_up_tokenization_spaces=False does.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 GGUF_PRE_TOKENIZERS = {
     "gpt-2": [_BYTE_LEVEL],
@@ -134,7 +135,7 @@ GGUF_PRE_TOKENIZERS = {
 
 
 def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's name for a Hugging Face Llama parameter (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+    """llama.cpp's name of a Hugging Face Llama parameter: model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight."""
     if hf_name in GGUF_NAMES:
         return GGUF_NAMES[hf_name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
@@ -152,9 +153,10 @@ def rope_interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_pre_tokenizer(tok_json: dict) -> str:
-    """The `tokenizer.ggml.pre` value under which llama.cpp splits text as this tokenizer.json does; UserError if none."""
+    """The `tokenizer.ggml.pre` under which llama.cpp splits text as this tokenizer.json does; UserError if none."""
     model = tok_json.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+    unsupported = ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix")
+    if model.get("type") != "BPE" or any(model.get(k) for k in unsupported):
         raise UserError(f"tokenizer: model {model.get('type')!r} (byte_fallback={model.get('byte_fallback')}) is not "
                         "supported for GGUF; expected a byte-level BPE tokenizer (GPT-2 style tokenizer.json)")
     if tok_json.get("normalizer"):
@@ -163,7 +165,7 @@ def gguf_pre_tokenizer(tok_json: dict) -> str:
     pre = tok_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     for name, expected in GGUF_PRE_TOKENIZERS.items():
-        if len(steps) == len(expected) and all(all(s.get(k) == v for k, v in e.items()) for s, e in zip(steps, expected)):
+        if len(steps) == len(expected) and all(s.get(k) == v for s, e in zip(steps, expected) for k, v in e.items()):
             return name
     raise UserError(f"tokenizer: pre-tokenizer {json.dumps(pre)} has no llama.cpp equivalent known to the exporter; "
                     "expected ByteLevel(use_regex) alone or after Digits(individual_digits)")
@@ -204,8 +206,10 @@ def save_gguf(model: Llama, tokenizer, path: str | Path, gguf_type: str = "f16",
     s = model.shape
     vocab = gguf_vocab(tokenizer, s.vocab_size)
     ids = special_ids(tokenizer)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    matrix_type = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+    matrix_type = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                   "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gguf.GGUFType.MODEL)
@@ -294,10 +298,10 @@ class ExportConfig:
     """Export a checkpoint, a fresh seeded initialization, or (GGUF) a Llama directory, with its tokenizer."""
 
     tokenizer: str = field(default="runs/tiny/tokenizer", metadata={"help": "Tokenizer directory (from `align tokenizer`)."})
-    output_dir: str = field(default="runs/tiny/init", metadata={"help": "Where the Hugging Face directory (or the .gguf file and config.yaml) is written."})
-    format: str = field(default="hf", metadata={"help": "hf: a Hugging Face directory; gguf: one model-<gguf_type>.gguf for llama.cpp."})
-    gguf_type: str = field(default="f16", metadata={"help": "GGUF weight type: f32, f16 or q8_0 (norms stay f32)."})
-    model_dir: str | None = field(default=None, metadata={"help": "A Hugging Face LlamaForCausalLM directory with its tokenizer to export as GGUF (e.g. runs/tiny/dpo/merged)."})
+    output_dir: str = field(default="runs/tiny/init", metadata={"help": "Output directory (HF files or the GGUF)."})
+    format: str = field(default="hf", metadata={"help": "hf (Hugging Face directory) or gguf (llama.cpp file)."})
+    gguf_type: str = field(default="f16", metadata={"help": "GGUF weights: f32, f16 or q8_0."})
+    model_dir: str | None = field(default=None, metadata={"help": "LlamaForCausalLM directory to convert to GGUF."})
     checkpoint: str | None = field(default=None, metadata={"help": "A pretraining checkpoint (.pt with 'model' and 'shape'); none = fresh init."})
     preset: str = field(default="tiny", metadata={"help": "Size preset for a fresh init: test, tiny, 10m, 125m, 1b."})
     max_position_embeddings: int | None = field(default=None, metadata={"help": "Context length (default: the preset's)."})
@@ -345,7 +349,8 @@ def main(cfg: ExportConfig) -> Path:
         model, tokenizer = load_llama_dir(cfg.model_dir)
     else:
         if not Path(cfg.tokenizer, "tokenizer.json").is_file():
-            raise UserError(f"{cfg.tokenizer}: no tokenizer.json; expected a tokenizer directory from `align tokenizer`")
+            raise UserError(f"{cfg.tokenizer}: no tokenizer.json; expected a tokenizer directory from "
+                            "`align tokenizer`")
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         model = fresh_or_checkpoint(cfg, len(tokenizer))
     if cfg.format == "gguf":
@@ -356,8 +361,8 @@ def main(cfg: ExportConfig) -> Path:
             save_config(tmp, cfg)
         out = Path(cfg.output_dir) / f"model-{cfg.gguf_type}.gguf"
         types = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
-        print(f"export: {model.num_parameters() / 1e6:.2f}M parameters ({model.shape.num_hidden_layers} layers) -> {out} "
-              f"({types} tensors, {out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
+        print(f"export: {model.num_parameters() / 1e6:.2f}M parameters ({model.shape.num_hidden_layers} layers) "
+              f"-> {out} ({types} tensors, {out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f}s")
         return out
     with atomic_dir(cfg.output_dir, cfg.overwrite) as tmp:
         save_hf(model, tokenizer, tmp)

@@ -14,7 +14,7 @@ import torch
 
 from tests._post_utils import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
-gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install -e '.[gguf]'; GGUF tests did not run")
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install -e '.[gguf]'): GGUF tests did not run")
 
 from pretrain.export import ExportConfig, cli, gguf_chat_template, main, rope_interleave, save_gguf  # noqa: E402
 from pretrain.model import Llama, apply_rope, rope_cache, shape_from_preset  # noqa: E402
@@ -25,7 +25,8 @@ BLOCK_NAMES = {
     "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
     "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -78,7 +79,8 @@ def q8(tiny_model_dir, tmp_path_factory):
 
 def test_names_match_gguf_llama_architecture():
     """Our hand-written names are the ones llama.cpp's own tables give for the Llama architecture."""
-    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA] for i in range(2)}
+    llama = gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]
+    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in llama for i in range(2)}
     assert set(expected_names().values()) <= allowed
     assert "output.weight" in allowed
 
@@ -102,14 +104,16 @@ def test_f16_tensors_equal_source(f16, source):
         np.testing.assert_array_equal(got, want.astype(np.float16).astype(np.float32), err_msg=gg)
     # the permutation did move rows: without undoing it, q differs
     q = np.asarray(tensors["blk.0.attn_q.weight"].data).astype(np.float32)
-    assert not np.array_equal(q, source["model.layers.0.self_attn.q_proj.weight"].numpy().astype(np.float16).astype(np.float32))
+    q_hf = source["model.layers.0.self_attn.q_proj.weight"].numpy().astype(np.float16).astype(np.float32)
+    assert not np.array_equal(q, q_hf)
 
 
 def test_metadata(f16, tiny_model_dir, tiny_tokenizer):
     hf = json.loads((tiny_model_dir / "config.json").read_text())
     want = {
         "general.architecture": "llama", "general.file_type": 1,
-        "llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 2, "llama.feed_forward_length": 176,
+        "llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 2,
+        "llama.feed_forward_length": 176,
         "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
         "llama.vocab_size": len(tiny_tokenizer),
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
@@ -124,7 +128,8 @@ def test_metadata(f16, tiny_model_dir, tiny_tokenizer):
     tokens = field(f16, "tokenizer.ggml.tokens")
     assert tokens == tiny_tokenizer.convert_ids_to_tokens(list(range(len(tiny_tokenizer))))
     assert tokens[:4] == ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-    assert tokens[tiny_tokenizer.convert_tokens_to_ids("Ġthe")] == "Ġthe"  # byte-level strings, as llama.cpp's gpt2 model reads them
+    # byte-level strings, as llama.cpp's gpt2 model reads them
+    assert tokens[tiny_tokenizer.convert_tokens_to_ids("Ġthe")] == "Ġthe"
     types = field(f16, "tokenizer.ggml.token_type")
     assert types == [CONTROL] * 20 + [NORMAL] * (len(tiny_tokenizer) - 20)  # 4 special + 16 reserved, then BPE tokens
     tok_json = json.loads((tiny_model_dir / "tokenizer.json").read_text())
@@ -134,8 +139,8 @@ def test_metadata(f16, tiny_model_dir, tiny_tokenizer):
     assert "{% generation %}" not in template and "{% if true %}" in template and "<|im_start|>" in template
     import jinja2
 
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 12?"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye"}]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 12?"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     env = jinja2.Environment()
     for gen in (False, True):
         ours = env.from_string(template).render(messages=msgs, add_generation_prompt=gen)
@@ -159,8 +164,8 @@ def test_q8_0_within_its_error_bound(q8, source):
             got = undo_interleave(got, 4)
         elif hf.endswith("k_proj.weight"):
             got = undo_interleave(got, 2)
-        # per 32-value block: scale d = max|x| / 127 stored as f16 (relative error <= 2^-11), q = round(x / d), |q| <= 127,
-        # so |x - q * d16| <= d / 2 + 127 * d * 2^-11
+        # per 32-value block: scale d = max|x| / 127 stored as f16 (relative error <= 2^-11), q = round(x / d),
+        # |q| <= 127, so |x - q * d16| <= d / 2 + 127 * d * 2^-11
         blocks, gblocks = want.reshape(-1, 32), got.reshape(-1, 32)
         d = np.abs(blocks).max(axis=1, keepdims=True) / 127
         err = np.abs(blocks - gblocks)
@@ -183,7 +188,8 @@ def test_rope_interleave_is_llama_cpp_rotation():
     theta = shape.rope_theta ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
     ang = torch.arange(T, dtype=torch.float32)[:, None] * theta  # (T, hs/2)
     a, b = q[..., 0::2], q[..., 1::2]
-    q_ll = torch.stack((a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()), dim=-1).flatten(-2)  # (nh, T, hs)
+    rotated = (a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos())  # each (nh, T, hs/2)
+    q_ll = torch.stack(rotated, dim=-1).flatten(-2)  # (nh, T, hs): pairs back in interleaved order
 
     scores_hf = q_hf @ q_hf.transpose(-1, -2)
     scores_ll = q_ll @ q_ll.transpose(-1, -2)
@@ -224,7 +230,8 @@ def run_cli(capsys, *args):
     return e.value.code, lines
 
 
-@pytest.mark.parametrize("case", ["not_llama", "no_tokenizer", "adapter", "bad_type", "hf_with_model_dir", "pre_tokenizer"])
+@pytest.mark.parametrize("case", ["not_llama", "no_tokenizer", "adapter", "bad_type", "hf_with_model_dir",
+                                  "pre_tokenizer"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, tiny_model_dir, capsys):
     import shutil
 
@@ -234,7 +241,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, tiny_model_di
     args = ["--format", "gguf", "--model_dir", src, "--output_dir", out]
     if case == "not_llama":
         cfg = json.loads((src / "config.json").read_text())
-        (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (src / "config.json").write_text(json.dumps(cfg))
         expect = "expected model_type 'llama' and LlamaForCausalLM"
     elif case == "no_tokenizer":
         (src / "tokenizer.json").unlink()
@@ -266,5 +274,22 @@ def test_chat_template_markers_keep_whitespace_control():
     t = "{{ a }} {%- generation %} {{ b }} {% endgeneration -%}\n c{%generation-%} d {%-endgeneration%}"
     plain = gguf_chat_template(t)
     assert "generation" not in plain and plain.count("if true") == 2
-    # "-" trims the whitespace on its side: "A" + " B " + "c" + "d" (removing the tags outright would give "A  B \n c d ")
+    # "-" trims the whitespace on its side: "A" + " B " + "c" + "d" (dropping the tags would give "A  B \n c d ")
     assert jinja2.Environment().from_string(plain).render(a="A", b="B") == "A B cd"
+
+
+def test_directory_saved_by_transformers(tiny_model_dir, tiny_tokenizer, source, tmp_path):
+    """A stage's merged/ output is written by transformers' save_pretrained, not by our save_hf: same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "merged"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    r = export(src, tmp_path / "out", "f32")
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) == set(expected_names().values())
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data),
+                                  source["model.layers.1.mlp.down_proj.weight"].numpy())
+    np.testing.assert_array_equal(undo_interleave(np.asarray(tensors["blk.1.attn_k.weight"].data), 2),
+                                  source["model.layers.1.self_attn.k_proj.weight"].numpy())
+    assert field(r, "general.file_type") == 0 and field(r, "tokenizer.ggml.pre") == "smollm"
