@@ -288,6 +288,10 @@ def load_llama_dir(model_dir: str | Path):
     if hf.get("model_type") != "llama" or "LlamaForCausalLM" not in archs:
         raise UserError(f"{d / 'config.json'}: model_type {hf.get('model_type')!r}, architectures {archs}; "
                         "expected model_type 'llama' and LlamaForCausalLM")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spelling
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise UserError(f"{d / 'config.json'}: rotary scaling {rope.get('rope_type', rope.get('type'))!r} is not "
+                        "supported by the GGUF export; expected the default rotary embedding")
     if not (d / "tokenizer.json").is_file():
         raise UserError(f"{d}: no tokenizer.json; expected the model's tokenizer files beside its weights")
     return load_hf(d), AutoTokenizer.from_pretrained(d)

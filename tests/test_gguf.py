@@ -231,7 +231,7 @@ def run_cli(capsys, *args):
 
 
 @pytest.mark.parametrize("case", ["not_llama", "no_tokenizer", "adapter", "bad_type", "hf_with_model_dir",
-                                  "pre_tokenizer"])
+                                  "pre_tokenizer", "rope_scaling"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, tiny_model_dir, capsys):
     import shutil
 
@@ -254,6 +254,11 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, tiny_model_di
     elif case == "bad_type":
         args += ["--gguf_type", "q4_k"]
         expect = "gguf_type: 'q4_k'; expected one of f32, f16, q8_0"
+    elif case == "rope_scaling":  # Llama 3.1-style scaled rotary embedding, transformers 5 spelling
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+        (src / "config.json").write_text(json.dumps(cfg))
+        expect = "rotary scaling 'llama3' is not supported"
     elif case == "hf_with_model_dir":
         args = ["--model_dir", src, "--output_dir", out]
         expect = "model_dir: only with --format gguf"
