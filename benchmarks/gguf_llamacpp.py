@@ -1,6 +1,6 @@
 """Does llama.cpp run our GGUF export as transformers runs the Hugging Face directory? (issue 15)
 
-    pip install -e '.[gguf]' llama-cpp-python      # compiles llama.cpp (about an hour on 2 cores)
+    pip install -e '.[gguf]' llama-cpp-python      # compiles llama.cpp (about 25 minutes on 2 cores)
     PYTHONPATH=. python benchmarks/gguf_llamacpp.py --workdir /tmp/gguf-bench
     PYTHONPATH=. python benchmarks/gguf_llamacpp.py --workdir /tmp/gguf-dpo --model_dir runs/tiny/dpo/merged --text FILE
 
@@ -13,11 +13,12 @@ with llama.cpp (through llama-cpp-python) against transformers (fp32):
    hand-picked edge cases (digit runs, contractions, whitespace runs, tabs, non-Latin text, emoji) and on a chat with
    control tokens, and decoding; a vocabulary trained on code (runs of spaces) under "smollm" and under "gpt-2"
    shows that "smollm" is the value that splits text as our pre-tokenizer does;
-2. f16: greedy continuations of several prompts, token for token;
+2. f16: greedy continuations of text and chat prompts, token for token, and llama-cpp-python's chat API (the
+   GGUF's template, temperature 0) giving transformers' greedy answer and stopping where it stops;
 3. q8_0 (and f16): perplexity over the held-out text in non-overlapping windows, next to transformers' fp32
    perplexity on the same windows; q8_0 must be within --ppl_tolerance (relative).
 
-Prints a table and writes results.json into the work directory; exits 1 if a check fails.
+Prints a summary and writes results.json into the work directory; exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignment.tokens import encode_chat, encode_text
-    from pretrain.export import ExportConfig
+    from pretrain.export import ExportConfig, special_ids
     from pretrain.export import main as export
 
     torch.set_num_threads(a.threads)
@@ -268,6 +269,20 @@ def main() -> int:
                        "min_margin": round(min(margins), 4), "text": tok.decode(got)[:60]})
     results["greedy_f16"] = greedy
 
+    # llama-cpp-python's chat API (the GGUF's template, greedy): the same answer, ended by <|im_end|>
+    stops = special_ids(tok)["stop"]
+    chat_api = []
+    for q in CHAT_PROMPTS:
+        messages = [{"role": "user", "content": q}]
+        want = greedy_hf(hf, encode_chat(tok, messages, add_generation_prompt=True)["input_ids"], a.new_tokens)
+        end = next((i for i, t in enumerate(want) if t in stops), None)  # None: no stop within new_tokens
+        got = llm.create_chat_completion(messages=messages, temperature=0, max_tokens=a.new_tokens)["choices"][0]
+        stopped_alike = (end is None) == (got["finish_reason"] == "length")
+        same = got["message"]["content"] == tok.decode(want[:end]) and stopped_alike
+        chat_api.append({"prompt": q, "answer": got["message"]["content"], "finish_reason": got["finish_reason"],
+                         "equal": same})
+    results["chat_completion_f16"] = chat_api
+
     # 3. perplexity on the held-out text, same windows for every engine
     ids = encode_text(tok, text)[: a.max_tokens]
     windows = [ids[i:i + a.window] for i in range(0, len(ids) - 1, a.window) if len(ids[i:i + a.window]) > 1]
@@ -289,7 +304,7 @@ def main() -> int:
     ok = {
         "tokenization": all(c["different"] == 0 and c["decoded_different"] == 0 for c in checked)
         and results["tokenize_chat_with_control_tokens"]["equal"],
-        "greedy_f16": all(g["equal"] for g in greedy),
+        "greedy_f16": all(g["equal"] for g in greedy) and all(c["equal"] for c in chat_api),
         "q8_0_perplexity": abs(ppl["llama.cpp_q8_0_rel_diff"]) <= a.ppl_tolerance,
     }
     results["ok"] = ok
@@ -311,7 +326,9 @@ def main() -> int:
                       "numbers after spaces"
                       for pre in ("smollm", "gpt-2")))
     print(f"2. greedy f16: {sum(g['equal'] for g in greedy)}/{len(greedy)} prompts equal for {a.new_tokens} tokens "
-          f"(smallest top-1/top-2 logit margin {min(g['min_margin'] for g in greedy):.3f})")
+          f"(smallest top-1/top-2 logit margin {min(g['min_margin'] for g in greedy):.3f}); chat API: "
+          f"{sum(c['equal'] for c in chat_api)}/{len(chat_api)} answers equal, finish reasons "
+          f"{[c['finish_reason'] for c in chat_api]}")
     print(f"3. perplexity over {n:,} held-out tokens ({a.window}-token windows): "
           f"transformers fp32 {ppl['transformers_fp32']:.4f}, llama.cpp f16 {ppl['llama.cpp_f16']:.4f} "
           f"({ppl['llama.cpp_f16_rel_diff']:+.3%}), q8_0 {ppl['llama.cpp_q8_0']:.4f} "
