@@ -106,7 +106,8 @@ def generation_config(params: SamplingParams, stop_ids: list[int], pad: int):
     sample = not params.greedy
     return GenerationConfig(
         max_new_tokens=params.max_new_tokens, do_sample=sample,
-        temperature=params.temperature if sample else 1.0, top_k=params.top_k if sample else 0,
+        # greedy: the sampling knobs at transformers' own defaults, which it does not warn about
+        temperature=params.temperature if sample else 1.0, top_k=params.top_k if sample else 50,
         top_p=params.top_p if sample else 1.0, min_p=(params.min_p or None) if sample else None,
         repetition_penalty=params.repetition_penalty, num_return_sequences=params.num_return_sequences,
         eos_token_id=list(stop_ids), pad_token_id=pad, use_cache=True)

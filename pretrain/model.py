@@ -271,7 +271,7 @@ def shape_from_hf_config(cfg) -> LlamaShape:
     d = cfg if isinstance(cfg, dict) else cfg.to_dict()
     if d.get("model_type") not in (None, "llama"):
         raise ValueError(f"model_type {d.get('model_type')!r} is not 'llama'")
-    rope_scaling = d.get("rope_scaling")
+    rope_scaling = d.get("rope_parameters") or d.get("rope_scaling")  # transformers 5 / 4 spelling
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
         raise ValueError(f"rope_scaling {rope_scaling} is not supported by the from-scratch model")
     if d.get("attention_bias") or d.get("mlp_bias"):

@@ -8,8 +8,8 @@ rejected side. Pairs drawn from the policy's own samples show it its actual mist
 `num_samples` sampled answers, each answer a score, and the highest and lowest scored answers become a pair for
 `align dpo` (iterative / online DPO with a reward model, as in RLHF pipelines that label their own samples).
 
-The score is the reward model's, and with `checker` set, a ground-truth check comes first: a correct answer beats an
-incorrect one whatever the reward model says, and the reward model orders answers within each group. `checker:
+The score is the reward model's, and with `checker` set, a ground-truth check comes first: a correct, well-formed answer
+beats any other whatever the reward model says, and the reward model orders answers within each group. `checker:
 tinyworld` scores tiny-world prompts (alignment.tinyworld.check; the prompt rows carry the answer). A prompt whose
 samples all score the same (or differ by less than `min_margin`) gives no pair.
 
@@ -111,7 +111,7 @@ def main(cfg: PairsConfig) -> dict:
     from alignment.modeling import check_model_dir, load_model, load_tokenizer, same_tokenizer
     from alignment.rewards import RewardModel
     from alignment.sampling import SamplingParams, generate
-    from alignment.tinyworld import check
+    from alignment.tinyworld import check, well_formed
     from alignment.tokens import encode_prompt
 
     t0 = time.time()
@@ -144,7 +144,10 @@ def main(cfg: PairsConfig) -> dict:
     if rm is not None:
         flat = rm.score([r["prompt"] for r in rows for _ in range(cfg.num_samples)], [t for g in texts for t in g]).tolist()
         rewards = [flat[i * cfg.num_samples:(i + 1) * cfg.num_samples] for i in range(len(rows))]
-    correct = [[check(r, t) for t in group] if cfg.checker == "tinyworld" else [False] * len(group) for r, group in zip(rows, texts)]
+    # the checker's judgement: the right fact, said well (ends at end of turn, one short sentence, no stray role markers),
+    # so a chosen answer is one worth imitating and a rejected one differs from it in the fact
+    correct = [[check(r, c.text) and well_formed(c.text, c.stopped) for c in group] if cfg.checker == "tinyworld" else [False] * len(group)
+               for r, group in zip(rows, samples)]
 
     pairs, records, unpaired = [], [], 0
     for i, r in enumerate(tqdm(rows, desc="pairs", leave=False)):
