@@ -19,6 +19,7 @@ Output layout (DIR):
     corpus/{train,heldout}.jsonl        {"text"}
     sft/{train,eval}.jsonl              {"messages"}
     preference/{train,test}.jsonl       {"prompt", "chosen", "rejected", "rejected_kind"} (TRL conversational)
+    preference/facts_test.jsonl         eval facts: the same answer sentence with the right and a wrong value
     rl/prompts.jsonl                    {"prompt", "answer", "kind", "entity", "attribute", "choices"}
     qa/test.jsonl                       same fields as rl/prompts.jsonl, eval facts
     mmlu/{dev,test}/tinyworld_{dev,test}.csv   question,choice0..choice3,answer (0-3)
@@ -393,6 +394,19 @@ def preference_rows(facts: list[dict], per_fact: int, rng: random.Random) -> lis
     return rows
 
 
+def wrong_fact_rows(facts: list[dict], rng: random.Random) -> list[dict]:
+    """One pair per fact that differs only in the fact: the same answer sentence with the right value and with a wrong one
+    (the canonical question). Held out, they measure whether a reward model judges facts rather than manner."""
+    rows = []
+    for f in facts:
+        template = rng.choice(SUM_ANSWERS if f["kind"] == "arithmetic" else ATTRIBUTES[f["attribute"]]["answers"])
+        rows.append({"prompt": [{"role": "user", "content": question(f)}],
+                     "chosen": [{"role": "assistant", "content": _fill(template, f)}],
+                     "rejected": [{"role": "assistant", "content": _fill(template, dict(f, answer=wrong_value(f, rng)))}],
+                     "rejected_kind": "wrong_fact"})
+    return rows
+
+
 def mmlu_rows(facts: list[dict], rng: random.Random, questions: list[str] | None = None) -> list[list]:
     """One four-way question per fact: question, choice0..choice3, answer index."""
     rows = []
@@ -482,7 +496,8 @@ def main(cfg: TinyWorldConfig) -> dict:
     _check_cfg(cfg)
     check_output_dir(cfg.output, cfg.overwrite)
     # one generator per product, each seeded from (seed, name): adding a product never changes the others
-    rngs = {k: random.Random(f"{cfg.seed}/{k}") for k in ("world", "split", "corpus", "heldout", "sft", "pref", "rl", "qa", "mmlu")}
+    rngs = {k: random.Random(f"{cfg.seed}/{k}") for k in ("world", "split", "corpus", "heldout", "sft", "pref", "rl", "qa", "mmlu",
+                                                          "facts")}
     world = build_world(rngs["world"], cfg.num_people)
     facts = world_facts(world)
     train, evals = split_facts(facts, rngs["split"], cfg.eval_fraction)
@@ -491,6 +506,7 @@ def main(cfg: TinyWorldConfig) -> dict:
     heldout = build_corpus(world, facts, train, cfg, rngs["heldout"], scale=0.05)
     sft_train, sft_eval = sft_rows(train, cfg.sft_per_fact, rngs["sft"]), sft_rows(evals, 1, rngs["sft"])
     pref_train, pref_test = preference_rows(train, cfg.preference_per_fact, rngs["pref"]), preference_rows(evals, 1, rngs["pref"])
+    facts_test = wrong_fact_rows(evals, rngs["facts"])
     rl = [qa_record(f, rngs["rl"]) for f in train]
     qa = [qa_record(f, None) for f in evals]  # evaluation asks the canonical question
     dev_facts = rngs["mmlu"].sample(train, cfg.dev_rows)
@@ -500,6 +516,7 @@ def main(cfg: TinyWorldConfig) -> dict:
         "seed": cfg.seed, "people": cfg.num_people, "facts": len(facts), "train_facts": len(train), "eval_facts": len(evals),
         "corpus_docs": len(corpus), "corpus_chars": sum(map(len, corpus)), "heldout_docs": len(heldout),
         "sft_train": len(sft_train), "sft_eval": len(sft_eval), "preference_train": len(pref_train), "preference_test": len(pref_test),
+        "preference_facts_test": len(facts_test),
         "rl_prompts": len(rl), "qa_test": len(qa), "mmlu_dev": len(mmlu_dev), "mmlu_test": len(mmlu_test),
     }
     files = {
@@ -507,6 +524,7 @@ def main(cfg: TinyWorldConfig) -> dict:
         "corpus/heldout.jsonl": _jsonl({"text": d} for d in heldout),
         "sft/train.jsonl": _jsonl(sft_train), "sft/eval.jsonl": _jsonl(sft_eval),
         "preference/train.jsonl": _jsonl(pref_train), "preference/test.jsonl": _jsonl(pref_test),
+        "preference/facts_test.jsonl": _jsonl(facts_test),
         "rl/prompts.jsonl": _jsonl(rl), "qa/test.jsonl": _jsonl(qa),
         f"mmlu/dev/{SUBJECT}_dev.csv": _csv(mmlu_dev), f"mmlu/test/{SUBJECT}_test.csv": _csv(mmlu_test),
         "world.json": json.dumps({"people": world["people"], "eval_units": sorted({f["unit"] for f in evals})}, indent=1, ensure_ascii=False) + "\n",

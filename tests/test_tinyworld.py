@@ -16,7 +16,7 @@ from alignment.data import read_file_rows
 from alignment.tinyworld import ATTRIBUTES, REJECTED_KINDS, TinyWorldConfig, check, cli, main, well_formed
 
 FILES = ["corpus/train.jsonl", "corpus/heldout.jsonl", "sft/train.jsonl", "sft/eval.jsonl", "preference/train.jsonl",
-         "preference/test.jsonl", "rl/prompts.jsonl", "qa/test.jsonl", "mmlu/dev/tinyworld_dev.csv", "mmlu/test/tinyworld_test.csv",
+         "preference/test.jsonl", "preference/facts_test.jsonl", "rl/prompts.jsonl", "qa/test.jsonl", "mmlu/dev/tinyworld_dev.csv", "mmlu/test/tinyworld_test.csv",
          "world.json", "stats.json", ".align-suite.json", "config.yaml"]
 
 
@@ -206,3 +206,17 @@ def test_cli_writes_data_and_bad_input_is_one_line(tmp_path):
     with pytest.raises(UserError, match="overwrite"):
         main(small_cfg(out))
     assert (out / "mmlu/test/tinyworld_test.csv").is_file()
+
+
+def test_wrong_fact_pairs_differ_only_in_the_fact(world_dir):
+    """preference/facts_test.jsonl: one pair per eval fact, the same sentence with the right value and a wrong one, so
+    a reward model can only rank it by knowing the fact."""
+    qa = {r["prompt"][0]["content"]: r for r in read_jsonl(world_dir / "qa/test.jsonl")}
+    rows = read_jsonl(world_dir / "preference/facts_test.jsonl")
+    assert len(rows) == len(qa) and all(r["rejected_kind"] == "wrong_fact" for r in rows)
+    for r in rows:
+        rec = qa[r["prompt"][0]["content"]]  # the canonical question of an eval fact
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert check(rec, chosen) and not check(rec, rejected)
+        a, b = chosen.split(), rejected.split()
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1, (chosen, rejected)
