@@ -350,6 +350,30 @@ def test_sixteen_concurrent_streams_complete_and_the_seventeenth_is_refused(live
     assert after["pending"] == 0 and after["refused"] == before["refused"] + 2 and after["completed"] == before["completed"] + 16
 
 
+def test_parallel_generations_answer_as_one_at_a_time(model_dirs):
+    """max_parallel 3: greedy requests run side by side, seeded sampled ones take turns on the RNG; every answer is
+    the one the sampler gives alone."""
+    name = str(model_dirs[0])
+    server = Live(model=name, max_parallel=3)
+    try:
+        tok, client = server.engine.models[name].tokenizer, server.client()
+        prompts = [[{"role": "user", "content": f"the bird saw {i} trees"}] for i in range(6)]
+        greedy = [sampler(server, name, encode_prompt(tok, p), max_new_tokens=10, temperature=0)[0].text for p in prompts]
+        seeded = [sampler(server, name, encode_prompt(tok, p), max_new_tokens=10, temperature=1.0, seed=i)[0].text
+                  for i, p in enumerate(prompts)]
+
+        def ask(job):
+            i, p, sample = job
+            kw = {"temperature": 1.0, "seed": i} if sample else {"temperature": 0}
+            return client.chat.completions.create(model=name, messages=p, max_tokens=10, **kw).choices[0].message.content
+
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(ask, [(i, p, s) for s in (False, True) for i, p in enumerate(prompts)]))
+        assert got == greedy + seeded
+    finally:
+        server.close()
+
+
 def test_a_client_that_leaves_stops_its_generation(live, names):
     served = live.engine.models[names[0]]
     before = live.engine.status()
