@@ -596,11 +596,10 @@ def test_the_page_chats_streams_stops_and_votes_in_a_real_browser(live, names, t
 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = browser()
     wait = WebDriverWait(driver, 300)  # a bound so a broken page fails instead of hanging; nothing here is timed
-    tok = live.engine.models[names[0]].tokenizer
 
     def field(name, value):
         e = driver.find_element(By.ID, name)
@@ -618,17 +617,26 @@ def test_the_page_chats_streams_stops_and_votes_in_a_real_browser(live, names, t
         assert [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")] == list(names)
         field("temperature", 0)
         field("max_tokens", 12)
-        send("the cat sat on")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))
-        msg = driver.find_element(By.CSS_SELECTOR, ".msg.assistant")
-        ref = sampler(live, names[0], encode_prompt(tok, [{"role": "user", "content": "the cat sat on"}]), max_new_tokens=12, temperature=0)[0]
-        assert msg.find_element(By.CLASS_NAME, "body").get_attribute("textContent") == ref.text
-        assert int(msg.get_attribute("data-chunks")) >= 2  # the text appeared piece by piece
+        field("system", "Be brief.")
+        Select(driver.find_element(By.ID, "model")).select_by_value(names[1])  # the model picker
+        tok = live.engine.models[names[1]].tokenizer
+        history = [{"role": "system", "content": "Be brief."}]
+        for i, text in enumerate(["the cat sat on", "and the dog"]):  # two turns: the second sees the first
+            send(text)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']")) == i + 1)
+            msg = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[i]
+            history.append({"role": "user", "content": text})
+            ref = sampler(live, names[1], encode_prompt(tok, history), max_new_tokens=12, temperature=0)[0]
+            assert msg.find_element(By.CLASS_NAME, "body").get_attribute("textContent") == ref.text
+            assert int(msg.get_attribute("data-chunks")) >= 2  # the text appeared piece by piece
+            history.append({"role": "assistant", "content": ref.text})
+        msg.find_element(By.CLASS_NAME, "copy").click()
+        wait.until(lambda d: msg.find_element(By.CLASS_NAME, "copy").text == "Copied")
         driver.save_screenshot(str(tmp_path / "chat.png"))
 
         # Stop: a held generation, stopped from the page, is halted on the server before its first token
         before = live.engine.status()
-        with Held(live.engine.models[names[0]]) as held:
+        with Held(live.engine.models[names[1]]) as held:
             send("and then")
             wait_for(lambda: live.engine.status()["pending"] == before["pending"] + 1, "the page's request admitted")
             driver.find_element(By.ID, "stop").click()
@@ -650,7 +658,7 @@ def test_the_page_chats_streams_stops_and_votes_in_a_real_browser(live, names, t
         assert names[0] in box.text and names[1] in box.text  # revealed after it
         driver.save_screenshot(str(tmp_path / "arena.png"))
         rows = [preference_pair(r) for r in read_rows(str(live.prepared.app.state.arena.votes_dir / "preferences.jsonl"))]
-        mine = [r for r in rows if r["prompt"] == [{"role": "user", "content": "the big tree"}]]
+        mine = [r for r in rows if r["prompt"] == [history[0], {"role": "user", "content": "the big tree"}]]  # system prompt too
         assert mine and mine[-1]["chosen"][0]["content"] == a_text and mine[-1]["rejected"][0]["content"] == b_text
 
         driver.find_element(By.ID, "tab-tally").click()

@@ -32,6 +32,7 @@ from .engine import Busy, Engine, Job, ServedModel
 
 PAGE = Path(__file__).with_name("web") / "index.html"
 SEED_MAX = 2**32 - 1
+DRAIN_FACTOR = 8  # an oversized body is read and dropped up to this many times the limit, so its client sees the 413
 # fields accepted and ignored (they change nothing about the answer), and fields accepted only at their default value
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 DEFAULT_ONLY = {
@@ -297,17 +298,29 @@ def parse_sampling(
 
 
 async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, refused over `limit` bytes (413) or when it is not a JSON object (400)."""
+    """The request body as a JSON object, refused over `limit` bytes (413) or when it is not a JSON object (400).
+
+    An oversized body is still read (and dropped) up to DRAIN_FACTOR x limit before the 413 goes out: most HTTP
+    clients write the whole body before reading the answer, and would see a broken pipe instead of the error."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(
-            413, f"request body: {declared} bytes; the limit is {limit} (max_request_bytes)", None, "request_too_large"
-        )
-    body = bytearray()
+    size = int(declared) if declared and declared.isdigit() else None
+    too_large = ApiError(
+        413,
+        f"request body: {size or 'over ' + str(limit)} bytes; the limit is {limit} (max_request_bytes)",
+        None,
+        "request_too_large",
+    )
+    if size is not None and size > DRAIN_FACTOR * limit:
+        raise too_large
+    body, total = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body: over {limit} bytes (max_request_bytes)", None, "request_too_large")
+        total += len(chunk)
+        if total <= limit:
+            body += chunk
+        elif total > DRAIN_FACTOR * limit:
+            break
+    if total > limit:
+        raise too_large
     try:
         data = json.loads(bytes(body).decode("utf-8"))
     except UnicodeDecodeError as e:
