@@ -245,6 +245,7 @@ BAD = [  # (path, body (bytes: raw), status, param, text in the message)
     ("/v1/completions", {"M": 1, "prompt": [1, 2, 3]}, 400, "prompt", "expected a string (one prompt per request)"),
     ("/v1/completions", {"M": 1, "prompt": "x", "echo": True}, 400, "echo", "not supported"),
     ("/v1/completions", {"M": 1, "prompt": ""}, 400, "prompt", "prompt: empty"),
+    ("/v1/completions", {"M": 1, "prompt": "the cat sat " * 200}, 400, "prompt", "prompt: the prompt fills the model's whole context"),
     ("/v1/nothing", {"M": 1}, 404, None, "POST /v1/nothing: Not Found"),
     ("/arena/battles/0000/vote", {"vote": "A"}, 404, None, "battle '0000': unknown"),
 ]

@@ -251,15 +251,15 @@ def parse_stop(value, limit: int) -> list[str]:
 
 
 def parse_sampling(
-    body: dict, limits: Limits, room: int, default_max_tokens: int | None
+    body: dict, limits: Limits, room: int, default_max_tokens: int | None, prompt_key: str = "messages"
 ) -> tuple[SamplingParams, list[str]]:
     """The sampling fields of a request -> SamplingParams and stop strings. `room` is what the context leaves after the
-    prompt; max_tokens defaults to `default_max_tokens` (None: as much as the cap and the room allow)."""
+    prompt (`prompt_key`); max_tokens defaults to `default_max_tokens` (None: as much as the cap and the room allow)."""
     if room < 1:
         raise ApiError(
             400,
-            "the prompt fills the model's whole context; expected a shorter prompt",
-            "messages",
+            f"{prompt_key}: the prompt fills the model's whole context; expected a shorter prompt",
+            prompt_key,
             "context_length_exceeded",
         )
     temperature = number(body, "temperature", 1.0, 0, 2)
@@ -599,7 +599,8 @@ def create_app(engine: Engine, arena: Arena | None = None, limits: Limits | None
             raise ApiError(400, "prompt: empty; expected some text to continue", "prompt", "invalid_value")
         stream = boolean(body, "stream", False)
         include_usage = stream_options(body)
-        params, stops = parse_sampling(body, limits, m.context - len(ids), 16)  # 16: OpenAI's default for completions
+        # max_tokens defaults to 16 here, as in OpenAI's completions
+        params, stops = parse_sampling(body, limits, m.context - len(ids), 16, "prompt")
         check_n(params)
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
