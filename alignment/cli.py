@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("recipes.grpo", "online RL with TRL's GRPOTrainer against the same reward model"),
     "eval": ("evals.harness", "score a model: perplexity / bits-per-byte, multiple choice, preference, win rate"),
     "compare": ("evals.compare", "compare eval reports side by side, marking deltas within noise"),
+    "serve": ("recipes.serve", "serve models: OpenAI-compatible API, chat page, blind arena whose votes become preference data"),
     "run": ("recipes.run", "run a whole recipe directory stage by stage and write a report (align run recipes/tiny)"),
 }
 
