@@ -298,6 +298,12 @@ def write_pipeline_report(out_dir: str | Path, recipe: str, timings: list[dict],
     if table:
         lines += ["## Models", "", "Values are mean ± one standard error, from each model's eval report "
                   "(`align compare` shows the same numbers); the full reports are listed in report.json.", ""] + table + [""]
+        deltas = {n: c[PAIRED_COLUMN] for n, c in rows.items() if PAIRED_COLUMN in c}
+        if deltas:
+            beyond = [n for n, (d, se) in deltas.items() if isinstance(se, (int, float)) and math.isfinite(se) and d > 2 * se]
+            lines += [("Answer accuracy beats SFT by more than two standard errors of the paired difference for: " + ", ".join(beyond) + ".")
+                      if beyond else "No model's answer accuracy beats SFT by more than two standard errors of the paired difference "
+                      "(the same held-out questions): at this scale that gain is within noise.", ""]
         if health:
             groups = health.get("eval_accuracy_by_group") or {}
             by = "".join(f"{', ' if i else '; by kind of rejected answer: '}{g} {v['accuracy']:.3f} ({v['pairs']})"

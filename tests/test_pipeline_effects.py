@@ -63,9 +63,15 @@ def test_sft_teaches_answers_that_end_at_end_of_turn(reduced_run):
     assert models["sft"]["answers"]["well_formed_rate"] >= models["base"]["answers"]["well_formed_rate"] + 0.5
 
 
-def test_reward_model_separates_held_out_pairs(reduced_run):
+def test_reward_model_separates_held_out_pairs_by_manner_and_reports_facts_apart(reduced_run):
+    """The reward model ranks every held-out pair whose rejected answer fails in manner (rude, rambling, evasive,
+    unfinished) at >= 0.9; its accuracy on pairs that differ only in the fact is reported apart (it sits near chance
+    at this scale: docs/benchmarks.md)."""
     health = json.loads((reduced_run[0] / "runs" / "tiny" / "reward" / "health.json").read_text())
-    assert health["eval_accuracy"] >= 0.9 and health["eval_accuracy"] > health["eval_accuracy_before"] and health["passed"]
+    groups = health["eval_accuracy_by_group"]
+    manner = [groups[k] for k in ("evasive", "ramble", "rude", "unfinished")]
+    assert sum(g["accuracy"] * g["pairs"] for g in manner) / sum(g["pairs"] for g in manner) >= 0.9, groups
+    assert groups["wrong_fact"]["pairs"] == 80 and health["eval_accuracy"] > health["eval_accuracy_before"] and health["passed"]
 
 
 def _beats_sft(report: dict, name: str) -> tuple[bool, tuple]:
@@ -93,3 +99,50 @@ def test_dpo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
     assert ok, numbers
     m = reduced_run[1]["models"]["dpo"]
     assert m["answers"]["well_formed_rate"] >= 0.9 and m["win_rate"]["kl"] < 3.0, m
+
+
+def test_grpo_with_the_checker_reward_raises_the_checker_reward(reduced_run):
+    """GRPO from the pipeline's SFT model with the tiny world's checker as the only reward, on 8 training questions for
+    8 steps: the share of correct sampled answers to those questions (32 samples each, seeded) rises well beyond its
+    sampling noise. A broken advantage or sign would leave it or lower it. (The pipeline's own grpo stage is
+    measured on held-out questions in the report.)"""
+    import torch
+
+    from alignment.data import read_prompt_rows
+    from alignment.modeling import load_model, load_tokenizer
+    from alignment.sampling import SamplingParams, generate
+    from alignment.tinyworld import check
+    from alignment.tokens import encode_prompt
+
+    work = reduced_run[0]
+    out = work / "grpo_short"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "alignment.cli", "grpo", "--config", "recipes/tiny/grpo.yaml", "--output_dir", str(out),
+                           "--max_prompts", "8", "--max_steps", "8", "--learning_rate", "2e-3", "--per_device_train_batch_size", "128",
+                           "--save_steps", "100"], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r.data for r in read_prompt_rows(str(work / "runs/tiny/data/rl/prompts.jsonl"), 8)]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        acc = {}
+        for name, model_dir in (("sft", work / "runs/tiny/sft/merged"), ("grpo", out / "merged")):
+            tok = load_tokenizer(model_dir)
+            model = load_model(model_dir, tokenizer=tok)
+            params = SamplingParams(max_new_tokens=32, temperature=1.0, num_return_sequences=32, seed=7)
+            groups = generate(model, tok, [encode_prompt(tok, r["prompt"]) for r in rows], params, seed_per_prompt=True)
+            acc[name] = [float(check(r, c.text)) for r, g in zip(rows, groups) for c in g]
+    finally:
+        torch.set_num_threads(n)
+    diff = [b - a for a, b in zip(acc["sft"], acc["grpo"])]
+    mean = sum(diff) / len(diff)
+    se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5
+    assert mean > 3 * se and mean > 0.05, (sum(acc["sft"]) / 256, sum(acc["grpo"]) / 256, mean, se)
+
+
+def test_grpo_stage_ran_with_the_checker_and_the_report_judges_it_against_noise(reduced_run):
+    work, report = reduced_run
+    s = json.loads((work / "runs" / "tiny" / "grpo" / "summary.json").read_text())
+    assert "rewards/tinyworld/mean" in s["last_log"] and "rewards/model/mean" not in s["last_log"]  # no reward model
+    text = (work / "runs" / "tiny" / "report.md").read_text()
+    assert "| grpo |" in text and "answer acc Δ vs SFT (paired)" in text
