@@ -78,7 +78,9 @@ def main(cfg) -> dict:
     save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     logs = [h for h in trainer.state.log_history if "reward" in h]
     summary = {"trainer": "GRPOTrainer", "steps": result.global_step, "seconds": round(time.time() - t0, 1), "resumed_from": checkpoint,
-               "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None}
+               "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None,
+               # the reward curve: each logged step's total reward, each reward's mean, and the KL
+               "curve": [{k: v for k, v in h.items() if k in ("step", "reward", "kl") or k.startswith("rewards/")} for h in logs]}
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
     run.commit()
     if logs:
