@@ -156,7 +156,15 @@ def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bo
                    data_hash=fingerprint([results[tasks[ti].name]["data_hash"] for ti in members]), scoring=first.spec.scoring,
                    apply_chat_template=apply_chat_template, subtasks=[tasks[ti].name for ti in members])
         results[group] = agg
-    return results, samples
+    # each group right after its last subtask, so a report reads mmlu_<subject>..., mmlu, arc_easy, ...
+    last = {tasks[m[-1]].name: g for g, m in groups.items() if g in results}
+    ordered = {}
+    for name, r in results.items():
+        if name not in groups:
+            ordered[name] = r
+            if name in last:
+                ordered[last[name]] = results[last[name]]
+    return ordered, samples
 
 
 def _summary(values: dict[str, list[float]]) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -93,6 +94,13 @@ def jinja_env():
         _ENV.filters["choice_index"] = _choice_index
         _ENV.globals["fail"] = _fail
     return _ENV
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(source: str, expression: bool):
+    """A compiled template or expression (compiling costs far more than rendering; specs reuse a handful)."""
+    env = jinja_env()
+    return env.compile_expression(source, undefined_to_none=False) if expression else env.from_string(source)
 
 
 def _force(value):
@@ -207,7 +215,7 @@ class TaskSpec:
     def evaluate(self, expr: str, variables: dict, key: str, where: str):
         """A Jinja expression's native value (a list stays a list); errors name the row and the key."""
         try:
-            return _force(jinja_env().compile_expression(expr, undefined_to_none=False)(**variables))
+            return _force(_compiled(expr, True)(**variables))
         except DocError as e:
             raise UserError(f"{where}: {key} {e}") from None
         except Exception as e:  # noqa: BLE001 - any failure of a user's expression on a user's row is a data error
@@ -216,7 +224,7 @@ class TaskSpec:
     def render(self, template: str, doc: dict, key: str):
         """A Jinja template rendered on a document (lm-eval's apply_template)."""
         try:
-            return jinja_env().from_string(template).render(**doc)
+            return _compiled(template, False).render(**doc)
         except DocError as e:
             raise UserError(f"{_where(doc)}: {self.task} {key}: {e}") from None
         except Exception as e:  # noqa: BLE001
@@ -278,6 +286,8 @@ class TaskSpec:
             if g not in choices:
                 raise UserError(f"{_where(doc)}: {self.task}: target {g!r} is not one of the {len(choices)} choices")
             g = choices.index(g)
+        if isinstance(g, list):
+            raise UserError(f"{_where(doc)}: {self.task}: doc_to_target gave a list {g!r}; expected one answer (several are not supported)")
         if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(choices):
             raise UserError(f"{_where(doc)}: {self.task}: label {g!r} is outside the {len(choices)} choices; expected 0-{len(choices) - 1}")
         return g
@@ -437,8 +447,7 @@ def _compile(template: str, where: str, expression: bool = False):
     from jinja2 import TemplateSyntaxError
 
     try:
-        env = jinja_env()
-        return env.compile_expression(template, undefined_to_none=False) if expression else env.from_string(template)
+        return _compiled(template, expression)
     except TemplateSyntaxError as e:
         raise UserError(f"{where}: not a valid Jinja {'expression' if expression else 'template'} ({e.message})") from None
 
@@ -797,6 +806,10 @@ def load_task(spec: TaskSpec, data_dir: str | None = None, task_data: dict | Non
                             f"expected at most {max(0, len(shots_pool) - (need - n))} shots")
         sampler = FewshotSampler(shots_pool, spec.sampler, spec.exclude_eval_doc, seed)
         shots = [sampler.sample(n, d) for d in scored]
+        for d, s in zip(scored, shots):  # every template, choice list and label checked before any model work
+            spec.turns(d, s)
+            if spec.output_type == "multiple_choice":
+                spec.gold(d, spec.choices(d))
         if spec.sampler == "first_n" and any(len(s) < n for s in shots):
             raise UserError(f"{spec.task}: num_fewshot={n} but the few-shot split has fewer documents besides the scored one")
         name = spec.task if key is None else f"{spec.task}_{key}"

@@ -221,3 +221,30 @@ def test_user_task_yaml_end_to_end(tmp_path, model_dir):
                  "--output", str(out), "--progress", "false"])
     rep = json.loads(out.read_text())["results"]["colours"]
     assert (rep["n"], rep["version"], rep["num_fewshot"]) == (4, "0.1", 0) and 0 <= rep["acc_norm"] <= 1 and len(rep["data_hash"]) == 16
+
+
+def test_hub_model_name_from_the_local_cache_offline(tmp_path, model_dir, data):
+    """`align eval --model org/name` with the model only in the Hugging Face cache (huggingface_hub's layout:
+    models--org--name/snapshots/<commit>/ + refs/main) loads offline; the report names the model as given."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny-llama"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "r.json"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "alignment.cli", "eval", "--model", "someorg/tiny-llama", "--tasks", "arc_easy,piqa",
+                        "--data_dir", str(data[0]), "--limit", "3", "--output", str(out), "--progress", "false"],
+                       env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["model"]["path"] == "someorg/tiny-llama" and len(rep["model"]["hash"]) == 16
+    assert rep["results"]["arc_easy"]["n"] == rep["results"]["piqa"]["n"] == 3
