@@ -123,7 +123,8 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
     from evals.generative import evaluate_generate_until
     from evals.multiple_choice import evaluate_mc
     from evals.tasks.lm_eval_tasks import write_lm_eval_task, write_mc_tasks
-    from evals.taskspec import load_spec, load_task
+    from evals.taskdata import load_task
+    from evals.taskspec import load_spec
 
     spec = load_spec("mmlu" if task == "mmlu" else task)
     yaml_dir = work / f"{task}_{shots}"

@@ -28,7 +28,7 @@ from alignment.errors import UserError
 from alignment.stats import mean_stderr
 
 from .scoring import ScoringModel
-from .taskspec import TaskData, public
+from .taskdata import TaskData, public
 
 ANSWERS_VERSION = "1.0"
 CHECKERS = ("tinyworld",)
@@ -45,8 +45,8 @@ def read_answer_rows(paths: list[str], checker: str, limit: int | None = None) -
         for r in read_prompt_rows(path):
             missing = [k for k in ("answer", "kind") if k not in r.data]
             if missing:
-                raise UserError(f"{r.where}: the {checker} checker needs {', '.join(missing)}; expected rows like qa/test.jsonl "
-                                "of `align data tinyworld`")
+                raise UserError(f"{r.where}: the {checker} checker needs {', '.join(missing)}; expected rows like "
+                                "qa/test.jsonl of `align data tinyworld`")
             rows.append(r.data)
     if not rows:
         raise UserError(f"answers: no questions in {', '.join(paths)}")
@@ -62,17 +62,20 @@ def evaluate_answers(lm: ScoringModel, rows: list[dict], max_new_tokens: int = 4
 
     ids = [encode_prompt(lm.tokenizer, r["prompt"])[-(lm.max_length - max_new_tokens):] for r in rows]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=None)
-    gens = [g[0] for g in generate(lm.model, lm.tokenizer, ids, params, batch_size=batch_size, progress=True, desc="answers")]
+    gens = [g[0] for g in generate(lm.model, lm.tokenizer, ids, params, batch_size=batch_size, progress=True,
+                                   desc="answers")]
     correct = [float(check(r, g.text)) for r, g in zip(rows, gens)]
     formed = [float(well_formed(g.text, g.stopped)) for g in gens]
     stopped = [float(g.stopped) for g in gens]
-    out = {"task": "answers", "version": ANSWERS_VERSION, "n": len(rows), "num_fewshot": 0, "scoring": "greedy+tinyworld_checker",
-           "max_new_tokens": max_new_tokens, "source": source, "data_hash": fingerprint(rows)}
+    out = {"task": "answers", "version": ANSWERS_VERSION, "n": len(rows), "num_fewshot": 0,
+           "scoring": "greedy+tinyworld_checker", "max_new_tokens": max_new_tokens, "source": source,
+           "data_hash": fingerprint(rows)}
     for name, values in (("answer_accuracy", correct), ("well_formed_rate", formed), ("stopped_rate", stopped)):
         out[name], out[f"{name}_stderr"] = mean_stderr(values)
     question = lambda r: r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"]  # noqa: E731
     samples = [{"task": "answers", "doc_id": i, "question": question(r), "answer": g.text, "correct": bool(c),
-                "well_formed": bool(f), "stopped": g.stopped} for i, (r, g, c, f) in enumerate(zip(rows, gens, correct, formed))]
+                "well_formed": bool(f), "stopped": g.stopped}
+               for i, (r, g, c, f) in enumerate(zip(rows, gens, correct, formed))]
     out["examples"] = samples[:num_samples]
     return out, samples
 
@@ -162,9 +165,10 @@ def evaluate_generate_until(lm: ScoringModel, tasks: list[TaskData], apply_chat_
         n_new = max_gen_toks or spec.generation_kwargs["max_gen_toks"]
         room = lm.max_length - n_new
         if room < 1:
-            raise UserError(f"{t.name}: max_gen_toks {n_new} leaves no room for a prompt in the model's context of {lm.max_length} "
-                            "tokens; expected fewer (--max_gen_toks)")
-        until = list(spec.generation_kwargs["until"]) + ([eos] if eos and eos not in spec.generation_kwargs["until"] else [])
+            raise UserError(f"{t.name}: max_gen_toks {n_new} leaves no room for a prompt in the model's context of "
+                            f"{lm.max_length} tokens; expected fewer (--max_gen_toks)")
+        until = list(spec.generation_kwargs["until"])
+        until += [eos] if eos and eos not in until else []  # lm-eval stops at end of text too
         prompts = []
         for doc, shots in zip(t.docs, t.shots):
             (turns,) = spec.turns(doc, shots)
@@ -210,8 +214,8 @@ def evaluate_generate_until(lm: ScoringModel, tasks: list[TaskData], apply_chat_
             out[k], out[f"{k}_stderr"] = mean_stderr(v)
         shots = list({id(s): public(s) for ss in t.shots for s in ss}.values())
         out.update(task=t.name, version=spec.version, n=len(t.docs), num_fewshot=t.num_fewshot,
-                   data_hash=fingerprint([public(d) for d in t.docs] + shots), scoring=spec.scoring, max_new_tokens=n_new,
-                   apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn,
-                   source=t.source)
+                   data_hash=fingerprint([public(d) for d in t.docs] + shots), scoring=spec.scoring,
+                   max_new_tokens=n_new, apply_chat_template=apply_chat_template,
+                   fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn, source=t.source)
         results[t.name] = out
     return results, samples

@@ -121,7 +121,8 @@ def _task_list(tasks) -> list[str]:
 
 def load_spec_tasks(cfg: EvalConfig, names: list[str]) -> list:
     """Every spec task's documents and shots (TaskData), read and checked before any model work."""
-    from .taskspec import load_spec, load_task, parse_task_data
+    from .taskdata import load_task, parse_task_data
+    from .taskspec import load_spec
 
     task_data = parse_task_data(_split(cfg.task_data))
     out = []

@@ -31,7 +31,8 @@ from alignment.stats import mean_stderr
 from alignment.tokens import encode_chat, encode_text
 
 from .scoring import ScoringModel, encode_pair, loglikelihoods
-from .taskspec import TaskData, chat_messages, plain_text, public
+from .taskdata import TaskData, public
+from .taskspec import chat_messages, plain_text
 
 
 def special_prefix(tok) -> list[int]:
@@ -74,8 +75,9 @@ def _request(tok, ctx, cont: str, prefix: list[int], enc) -> tuple[list[int], li
     return prefix + c, k
 
 
-def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bool = False, fewshot_as_multiturn: bool = True,
-                batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
+def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bool = False,
+                fewshot_as_multiturn: bool = True, batch_size: int = 16,
+                progress: bool = True) -> tuple[dict, list[dict]]:
     """Score every document of every task in one batched pass; returns (results by task name, per-document samples)."""
     tok = lm.tokenizer
     prefix = special_prefix(tok)
@@ -100,7 +102,8 @@ def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bo
                 owners.append(len(items))
             items.append((ti, di, choices, gold))
     names = ", ".join(dict.fromkeys(t.group or t.name for t in tasks))
-    scores = loglikelihoods(lm, requests, batch_size=batch_size, desc=f"{names} ({len(items)} items)", progress=progress)
+    desc = f"{names} ({len(items)} items)"
+    scores = loglikelihoods(lm, requests, batch_size=batch_size, desc=desc, progress=progress)
     per_item: list[list] = [[] for _ in items]
     for j, (ll, greedy, _) in zip(owners, scores):
         per_item[j].append((ll, greedy))
@@ -116,15 +119,16 @@ def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bo
             mass = _true_mass(spec, doc, lls)
             vals = {m["metric"]: mass for m in spec.metric_list}
         else:
-            every = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold), "acc_bytes": float(pred_bytes == gold),
-                     "exact_match": float(scored[gold][1])}
+            every = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
+                     "acc_bytes": float(pred_bytes == gold), "exact_match": float(scored[gold][1])}
             vals = {m["metric"]: every[m["metric"]] for m in spec.metric_list}
             vals["_chance"] = 1.0 / len(choices)
         store = values_by_task.setdefault(ti, {})
         for k, v in vals.items():
             store.setdefault(k, []).append(v)
-        samples.append({"task": tasks[ti].name, "doc_id": di, "target": gold, "loglikelihoods": lls.tolist(), "pred": pred,
-                        "pred_norm": pred_norm, **{k: v for k, v in vals.items() if not k.startswith("_")}})
+        samples.append({"task": tasks[ti].name, "doc_id": di, "target": gold, "loglikelihoods": lls.tolist(),
+                        "pred": pred, "pred_norm": pred_norm,
+                        **{k: v for k, v in vals.items() if not k.startswith("_")}})
     groups: dict[str, list[int]] = {}
     for ti, t in enumerate(tasks):
         vals = values_by_task.get(ti, {})
@@ -150,11 +154,13 @@ def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bo
             accs = [np.mean(values_by_task[ti]["acc"]) for ti in members]
             # macro stderr: the subtask means are independent, so Var(mean of means) = sum(se^2) / k^2
             ses = [mean_stderr(values_by_task[ti]["acc"])[1] for ti in members]
-            agg.update(acc_macro=float(np.mean(accs)), acc_macro_stderr=math.sqrt(sum(s ** 2 for s in ses)) / len(members))
+            agg.update(acc_macro=float(np.mean(accs)),
+                       acc_macro_stderr=math.sqrt(sum(s ** 2 for s in ses)) / len(members))
         first = tasks[members[0]]
-        agg.update(task=group, version=first.spec.version, n=sum(len(tasks[ti].docs) for ti in members), num_fewshot=first.num_fewshot,
-                   data_hash=fingerprint([results[tasks[ti].name]["data_hash"] for ti in members]), scoring=first.spec.scoring,
-                   apply_chat_template=apply_chat_template, subtasks=[tasks[ti].name for ti in members])
+        agg.update(task=group, version=first.spec.version, n=sum(len(tasks[ti].docs) for ti in members),
+                   num_fewshot=first.num_fewshot, scoring=first.spec.scoring, apply_chat_template=apply_chat_template,
+                   data_hash=fingerprint([results[tasks[ti].name]["data_hash"] for ti in members]),
+                   subtasks=[tasks[ti].name for ti in members])
         results[group] = agg
     # each group right after its last subtask, so a report reads mmlu_<subject>..., mmlu, arc_easy, ...
     last = {tasks[m[-1]].name: g for g, m in groups.items() if g in results}
@@ -185,8 +191,7 @@ def _true_mass(spec, doc: dict, lls: np.ndarray) -> float:
     expr = spec.process_results["true_probability_mass"]
     labels = spec.evaluate(expr, doc, "process_results.true_probability_mass", doc.get("_where", "document"))
     if not isinstance(labels, (list, tuple)) or len(labels) != len(lls):
-        raise UserError(f"{doc.get('_where')}: {spec.task}: true_probability_mass labels {labels!r}; expected one 0/1 per choice "
-                        f"({len(lls)})")
+        raise spec.error(doc, f"true_probability_mass labels {labels!r}; expected one 0/1 per choice ({len(lls)})")
     probs = np.exp(lls)
     probs = probs / probs.sum()
     return float(probs[np.array(labels) == 1].sum())

@@ -67,8 +67,9 @@ def scoring_model(path: str, adapter: str | None = None, load_in_8bit: bool = Fa
     tokenizer = load_tokenizer(path)
     model = load_model(path, tokenizer=tokenizer, adapter=adapter, device=device, load_in_8bit=load_in_8bit,
                        load_in_4bit=load_in_4bit)
-    return ScoringModel(model=model, tokenizer=tokenizer, max_length=max_length or resolve_max_length(model.config, tokenizer),
-                        path=str(path), adapter=adapter, model_hash=model_hash(path),
+    return ScoringModel(model=model, tokenizer=tokenizer,
+                        max_length=max_length or resolve_max_length(model.config, tokenizer), path=str(path),
+                        adapter=adapter, model_hash=model_hash(path),
                         tokenizer_hash=tokenizer_hash(local_model_dir(path)))
 
 
@@ -83,7 +84,8 @@ def _decoder_and_head(model):
     return body, head
 
 
-def prefix_groups(inputs: list[tuple], keep: list[int] | None = None, min_prefix: int = 64) -> list[tuple[int, list[int]]]:
+def prefix_groups(inputs: list[tuple], keep: list[int] | None = None,
+                  min_prefix: int = 64) -> list[tuple[int, list[int]]]:
     """Group inputs that share a long token prefix (the header and few-shot block of one subject).
 
     Returns (prefix length, input indices) pairs; prefix length 0 = no sharing. The prefix leaves at least
@@ -116,14 +118,16 @@ def prefix_groups(inputs: list[tuple], keep: list[int] | None = None, min_prefix
 
 @torch.no_grad()
 def loglikelihoods(lm: ScoringModel, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                   desc: str = "scoring", progress: bool = True, share_prefix: bool = True) -> list[tuple[float, bool, list[float]]]:
+                   desc: str = "scoring", progress: bool = True,
+                   share_prefix: bool = True) -> list[tuple[float, bool, list[float]]]:
     """Score each (context ids, continuation ids): (sum log p(cont | ctx), is greedy, per-token log-probs).
 
     The model reads `(ctx + cont)[-(L+1):][:-1]` as in lm-eval. Each distinct context runs once: its last position
     scores every continuation's first token (the four letters after one prompt), and longer continuations of a
     shared context (the answer texts of one question) run on its key/value cache. Contexts sharing a long prefix
     (few-shot prompts) compute it once too. The result is independent of batch size and order up to float rounding;
-    `share_prefix=False` runs every request as one plain forward pass (the reference the fast path is tested against)."""
+    `share_prefix=False` runs every request as one plain forward pass (the reference the fast path is tested
+    against)."""
     L = lm.max_length
     contexts: dict[tuple, int] = {}  # distinct context (as the model reads it) -> index
     plan = []  # per request: (context index, continuation)
@@ -158,8 +162,9 @@ def _pick(lp: torch.Tensor, targets: list[int]) -> list[tuple[float, bool]]:
     return list(zip(tok, greedy))
 
 
-def _plain_scores(lm: ScoringModel, items: list[tuple[tuple, tuple]], batch_size: int, desc: str, progress: bool) -> dict:
-    """Every (context, continuation) as its own input ctx + cont[:-1], right-padded, full logits (the reference path)."""
+def _plain_scores(lm: ScoringModel, items: list[tuple[tuple, tuple]], batch_size: int, desc: str,
+                  progress: bool) -> dict:
+    """Every (context, continuation) as its own input ctx + cont[:-1], right-padded, full logits (the reference)."""
     device = next(lm.model.parameters()).device
     out = {}
     order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][1])))
@@ -200,13 +205,14 @@ def _shared_scores(lm: ScoringModel, body, head, contexts: list[tuple], conts: l
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             T = len(inputs[chunk[0]]) - plen
-            batch = torch.zeros(len(chunk), T, dtype=torch.long)  # right-padded; causal attention never sees the padding
+            batch = torch.zeros(len(chunk), T, dtype=torch.long)  # right-padded: causal attention never sees it
             for r, i in enumerate(chunk):
                 batch[r, :len(inputs[i]) - plen] = torch.tensor(inputs[i][plen:])
             multi = [i for i in chunk if len(conts[i]) > 1 and any(len(k) > 1 for k in conts[i])]
             kwargs = {"use_cache": kv is not None or bool(multi)}
             if kv is not None:
-                kwargs["past_key_values"] = make_cache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
+                b = len(chunk)
+                kwargs["past_key_values"] = make_cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
                                                         for k, v in kv])
             res = body(input_ids=batch.to(device), **kwargs)
             hidden = res.last_hidden_state  # (B, T, H)
@@ -236,7 +242,8 @@ def _shared_scores(lm: ScoringModel, body, head, contexts: list[tuple], conts: l
 
 
 def _continue_on_cache(body, head, layers, chunk, multi, contexts, conts, plen, batch_size, device, out) -> None:
-    """Score tokens 2.. of the continuations of the contexts in `multi` on the chunk's key/value cache (B, h, P+T, d)."""
+    """Score tokens 2.. of the continuations of the contexts in `multi` on the chunk's key/value cache
+    (B, h, P+T, d)."""
     T = layers[0][0].shape[2] - plen  # padded context length of the chunk
     row_of = {i: r for r, i in enumerate(chunk)}
     items = sorted(((i, k) for i in multi for k in conts[i] if len(k) > 1), key=lambda x: -len(x[1]))
@@ -258,7 +265,8 @@ def _continue_on_cache(body, head, layers, chunk, multi, contexts, conts, plen, 
                       past_key_values=cache, use_cache=True).last_hidden_state  # (B, Tk, H)
         rows = [r for r, (_, k) in enumerate(part) for _ in range(len(k) - 1)]
         cols = [j for _, k in part for j in range(len(k) - 1)]
-        lp = F.log_softmax(head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float(), dim=-1)
+        picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (P, H)
+        lp = F.log_softmax(head(picked).float(), dim=-1)  # (P, V)
         offset = 0
         for i, k in part:
             out[(contexts[i], k)] = out[(contexts[i], k)] + _pick(lp[offset:offset + len(k) - 1], list(k[1:]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import difflib
 import functools
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +40,14 @@ KEYS = {
     "include": "a spec file (relative to this one) whose keys this one extends", "scoring": "a label for reports",
     "output_type": "multiple_choice or generate_until", "description": "a template put before the shots",
     "dataset_path": "hub dataset name, used when no local files are given", "dataset_name": "its configuration",
-    "data_files": "split -> globs of local files, relative to the task's data directory", "layouts": "accepted file layouts",
+    "data_files": "split -> globs of local files, relative to the task's data directory",
+    "layouts": "accepted file layouts",
     "process_docs": "field -> Jinja expression, computed per document", "subtasks": "a field whose values are tasks",
     "training_split": "split name", "validation_split": "split name", "test_split": "split name",
     "fewshot_split": "split the shots come from", "fewshot_config": "sampler (default, first_n) and samples",
     "num_fewshot": "default number of shots", "doc_to_text": "the question", "doc_to_target": "the answer",
-    "doc_to_choice": "the choices", "target_delimiter": "between question and answer", "fewshot_delimiter": "after a shot",
+    "doc_to_choice": "the choices", "target_delimiter": "between question and answer",
+    "fewshot_delimiter": "after a shot",
     "metric_list": "metrics", "generation_kwargs": "until, max_gen_toks, do_sample, temperature",
     "filter_list": "answer extraction before the metric", "process_results": "true_probability_mass: EXPR",
     "metadata": "lm-eval's metadata (version)", "tag": "ignored (lm-eval's task groups)", "repeats": "must be 1",
@@ -84,7 +85,8 @@ _ENV = None
 
 
 def jinja_env():
-    """lm-eval's Jinja environment (strict undefined, trailing newline kept, regex_replace) plus fail and choice_index."""
+    """lm-eval's Jinja environment (strict undefined, trailing newline kept, regex_replace), plus fail and
+    choice_index."""
     global _ENV
     if _ENV is None:
         from jinja2 import BaseLoader, Environment, StrictUndefined
@@ -209,8 +211,9 @@ class TaskSpec:
 
     # ------------------------------------------------------------------------------------------------ templates
 
-    def where(self, key: str) -> str:
-        return f"{self.path or self.task}: {key}"
+    def error(self, doc: dict, message: str) -> UserError:
+        """A one-line error naming the document's place and the task."""
+        return UserError(f"{_where(doc)}: {self.task}: {message}")
 
     def evaluate(self, expr: str, variables: dict, key: str, where: str):
         """A Jinja expression's native value (a list stays a list); errors name the row and the key."""
@@ -219,7 +222,8 @@ class TaskSpec:
         except DocError as e:
             raise UserError(f"{where}: {key} {e}") from None
         except Exception as e:  # noqa: BLE001 - any failure of a user's expression on a user's row is a data error
-            raise UserError(f"{where}: {self.task}: {key} {expr!r} failed on this row ({type(e).__name__}: {e})") from None
+            raise UserError(f"{where}: {self.task}: {key} {expr!r} failed on this row "
+                            f"({type(e).__name__}: {e})") from None
 
     def render(self, template: str, doc: dict, key: str):
         """A Jinja template rendered on a document (lm-eval's apply_template)."""
@@ -228,7 +232,7 @@ class TaskSpec:
         except DocError as e:
             raise UserError(f"{_where(doc)}: {self.task} {key}: {e}") from None
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{_where(doc)}: {self.task}: {key} failed on this document ({type(e).__name__}: {e})") from None
+            raise self.error(doc, f"{key} failed on this document ({type(e).__name__}: {e})") from None
 
     def text(self, doc: dict):
         """doc_to_text with lm-eval's semantics: a field, a template (all digits + choices -> an int), or an int."""
@@ -268,15 +272,15 @@ class TaskSpec:
                 try:
                     out = ast.literal_eval(s)
                 except (SyntaxError, ValueError):
-                    raise UserError(f"{_where(doc)}: {self.task}: doc_to_choice rendered {s[:80]!r}; expected a list") from None
+                    raise self.error(doc, f"doc_to_choice rendered {s[:80]!r}; expected a list") from None
         elif isinstance(v, dict):
             out = list(v.values())
         else:
             out = v
         if not isinstance(out, (list, tuple)) or not out:
-            raise UserError(f"{_where(doc)}: {self.task}: no choices ({out!r}); expected a non-empty list of strings")
+            raise self.error(doc, f"no choices ({out!r}); expected a non-empty list of strings")
         if not all(isinstance(c, str) for c in out):
-            raise UserError(f"{_where(doc)}: {self.task}: choices {out!r}; expected strings")
+            raise self.error(doc, f"choices {out!r}; expected strings")
         return list(out)
 
     def gold(self, doc: dict, choices: list[str]) -> int:
@@ -284,12 +288,12 @@ class TaskSpec:
         g = self.text(doc) if self.multiple_input(doc) else self.target(doc)
         if isinstance(g, str) and not self.multiple_input(doc):
             if g not in choices:
-                raise UserError(f"{_where(doc)}: {self.task}: target {g!r} is not one of the {len(choices)} choices")
+                raise self.error(doc, f"target {g!r} is not one of the {len(choices)} choices")
             g = choices.index(g)
         if isinstance(g, list):
-            raise UserError(f"{_where(doc)}: {self.task}: doc_to_target gave a list {g!r}; expected one answer (several are not supported)")
+            raise self.error(doc, f"doc_to_target gave a list {g!r}; expected one answer (several are not supported)")
         if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < len(choices):
-            raise UserError(f"{_where(doc)}: {self.task}: label {g!r} is outside the {len(choices)} choices; expected 0-{len(choices) - 1}")
+            raise self.error(doc, f"label {g!r} is outside the {len(choices)} choices; expected 0-{len(choices) - 1}")
         return g
 
     def multiple_input(self, doc: dict) -> bool:
@@ -303,8 +307,10 @@ class TaskSpec:
         (system), each shot as question + target delimiter and answer + few-shot delimiter, then the question.
         One list per context: several for multiple-input tasks (one per choice), else one."""
         head: list[tuple[str, str, str]] = []
-        desc = (doc[self.description] if self.description in doc else self.render(self.description, doc, "description")) \
-            if self.description else ""
+        desc = ""
+        if self.description:
+            d = self.description
+            desc = doc[d] if d in doc else self.render(d, doc, "description")
         if desc:
             head.append(("system", desc, ""))
         for s in shots:
@@ -374,7 +380,8 @@ def _read_yaml(path: Path, stack: tuple = ()) -> dict:
         raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        line = mark.line + 1 if mark else "?"
+        raise UserError(f"{path}:{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a YAML mapping of task keys, got {type(raw).__name__}")
     unknown = [k for k in raw if k not in KEYS]
@@ -395,7 +402,8 @@ def load_spec(name_or_path: str) -> TaskSpec:
     path = p if name_or_path.endswith((".yaml", ".yml")) else TASKS_DIR / f"{name_or_path}.yaml"
     raw = _read_yaml(path)
     where = str(path)
-    version = raw.get("version", (raw.get("metadata") or {}).get("version") if isinstance(raw.get("metadata"), dict) else None)
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    version = raw.get("version", meta.get("version"))
     missing = [k for k in ("task", "output_type", "doc_to_text", "doc_to_target", "metric_list") if raw.get(k) is None]
     if version is None:
         missing.append("version")
@@ -404,31 +412,37 @@ def load_spec(name_or_path: str) -> TaskSpec:
     if not (raw.get("test_split") or raw.get("validation_split")):
         missing.append("test_split (or validation_split)")
     if missing:
-        raise UserError(f"{where}: missing {', '.join(missing)}; a task spec needs task, version, output_type, doc_to_text, "
-                        "doc_to_target, metric_list, a test or validation split (and doc_to_choice for multiple_choice)")
+        raise UserError(f"{where}: missing {', '.join(missing)}; a task spec needs task, version, output_type, "
+                        "doc_to_text, doc_to_target, metric_list, a test or validation split (and doc_to_choice for "
+                        "multiple_choice)")
     if raw["output_type"] not in OUTPUT_TYPES:
         raise UserError(f"{where}: output_type {raw['output_type']!r}; expected one of {', '.join(OUTPUT_TYPES)}")
     if raw.get("repeats", 1) != 1:
         raise UserError(f"{where}: repeats {raw['repeats']!r}; expected 1 (greedy answers do not repeat)")
     fs = raw.get("fewshot_config") or {}
-    if not isinstance(fs, dict) or set(fs) - {"sampler", "samples"} or fs.get("sampler", "default") not in ("default", "first_n"):
-        raise UserError(f"{where}: fewshot_config {fs!r}; expected {{sampler: default | first_n, samples: [documents]}}")
+    if (not isinstance(fs, dict) or set(fs) - {"sampler", "samples"}
+            or fs.get("sampler", "default") not in ("default", "first_n")):
+        raise UserError(f"{where}: fewshot_config {fs!r}; expected {{sampler: default | first_n, "
+                        "samples: [documents]}}")
     spec = TaskSpec(
-        task=_str(raw, "task", where), version=str(version), output_type=raw["output_type"], doc_to_text=raw["doc_to_text"],
-        doc_to_target=raw["doc_to_target"], doc_to_choice=raw.get("doc_to_choice"), metric_list=_metrics(raw, where),
-        description=raw.get("description") or "", target_delimiter=_str(raw, "target_delimiter", where, " "),
+        task=_str(raw, "task", where), version=str(version), output_type=raw["output_type"],
+        doc_to_text=raw["doc_to_text"], doc_to_target=raw["doc_to_target"], doc_to_choice=raw.get("doc_to_choice"),
+        metric_list=_metrics(raw, where), description=raw.get("description") or "",
+        target_delimiter=_str(raw, "target_delimiter", where, " "),
         fewshot_delimiter=_str(raw, "fewshot_delimiter", where, "\n\n"), dataset_path=raw.get("dataset_path"),
         dataset_name=raw.get("dataset_name"), data_files=_data_files(raw, where), layouts=_layouts(raw, where),
         process_docs=_expressions(raw, "process_docs", where), training_split=raw.get("training_split"),
-        validation_split=raw.get("validation_split"), test_split=raw.get("test_split"), fewshot_split=raw.get("fewshot_split"),
-        sampler=fs.get("sampler", "default"), samples=fs.get("samples"), num_fewshot=raw.get("num_fewshot"),
-        generation_kwargs=_generation(raw, where), filter_list=_filters(raw, where), process_results=raw.get("process_results"),
-        subtasks=raw.get("subtasks"), scoring=str(raw.get("scoring") or raw["output_type"]), path=where)
+        validation_split=raw.get("validation_split"), test_split=raw.get("test_split"),
+        fewshot_split=raw.get("fewshot_split"), sampler=fs.get("sampler", "default"), samples=fs.get("samples"),
+        num_fewshot=raw.get("num_fewshot"), generation_kwargs=_generation(raw, where), filter_list=_filters(raw, where),
+        process_results=raw.get("process_results"), subtasks=raw.get("subtasks"),
+        scoring=str(raw.get("scoring") or raw["output_type"]), path=where)
     if spec.num_fewshot is not None and (not isinstance(spec.num_fewshot, int) or spec.num_fewshot < 0):
         raise UserError(f"{where}: num_fewshot {spec.num_fewshot!r}; expected an integer >= 0")
     if spec.process_results is not None and (not isinstance(spec.process_results, dict)
                                              or set(spec.process_results) != {"true_probability_mass"}):
-        raise UserError(f"{where}: process_results {spec.process_results!r}; expected {{true_probability_mass: EXPRESSION}}")
+        raise UserError(f"{where}: process_results {spec.process_results!r}; expected "
+                        "{true_probability_mass: EXPRESSION}")
     for key in ("doc_to_text", "doc_to_target", "doc_to_choice", "description"):
         v = getattr(spec, key)
         if isinstance(v, str) and ("{{" in v or "{%" in v):
@@ -449,7 +463,8 @@ def _compile(template: str, where: str, expression: bool = False):
     try:
         return _compiled(template, expression)
     except TemplateSyntaxError as e:
-        raise UserError(f"{where}: not a valid Jinja {'expression' if expression else 'template'} ({e.message})") from None
+        kind = "expression" if expression else "template"
+        raise UserError(f"{where}: not a valid Jinja {kind} ({e.message})") from None
 
 
 def _expressions(raw: dict, key: str, where: str) -> dict[str, str]:
@@ -499,9 +514,11 @@ def _metrics(raw: dict, where: str) -> list[dict]:
         raise UserError(f"{where}: metric_list: expected a non-empty list of {{metric: NAME, ...}}")
     for m in v:
         if not isinstance(m, dict) or "metric" not in m or set(m) - set(METRIC_KEYS):
-            raise UserError(f"{where}: metric_list entry {m!r}; expected keys {', '.join(METRIC_KEYS)} (metric required)")
+            raise UserError(f"{where}: metric_list entry {m!r}; expected keys {', '.join(METRIC_KEYS)} "
+                            "(metric required)")
         if m["metric"] not in allowed and not raw.get("process_results"):
-            raise UserError(f"{where}: metric {m['metric']!r}; expected one of {', '.join(allowed)} for {raw['output_type']}")
+            raise UserError(f"{where}: metric {m['metric']!r}; expected one of {', '.join(allowed)} for "
+                            f"{raw['output_type']}")
         if m.get("aggregation", "mean") != "mean":
             raise UserError(f"{where}: metric {m['metric']}: aggregation {m['aggregation']!r}; expected mean")
     return v
@@ -512,7 +529,8 @@ def _generation(raw: dict, where: str) -> dict:
     if not isinstance(v, dict) or set(v) - set(GENERATION_KEYS):
         raise UserError(f"{where}: generation_kwargs {v!r}; expected keys {', '.join(GENERATION_KEYS)}")
     if v.get("do_sample") or float(v.get("temperature") or 0.0) != 0.0:
-        raise UserError(f"{where}: generation_kwargs: only greedy decoding (do_sample: false, temperature: 0) is supported")
+        raise UserError(f"{where}: generation_kwargs: only greedy decoding (do_sample: false, temperature: 0) "
+                        "is supported")
     until = v.get("until", [raw.get("fewshot_delimiter", "\n\n")])  # lm-eval's default stop is the few-shot delimiter
     until = [until] if isinstance(until, str) else until
     if not isinstance(until, list) or not all(isinstance(u, str) for u in until):
@@ -539,296 +557,3 @@ def _filters(raw: dict, where: str) -> list[dict]:
                 except re.error as e:
                     raise UserError(f"{where}: filter {f['name']}: regex_pattern: {e}") from None
     return v
-
-
-# ---------------------------------------------------------------------------------------------------- reading data
-
-
-def parse_task_data(entries: list[str]) -> dict[str, dict[str | None, str]]:
-    """`TASK=PATH` (the task's directory, or its scored split's file) and `TASK.SPLIT=PATH` -> {task: {split: path}}."""
-    out: dict[str, dict[str | None, str]] = {}
-    for e in entries:
-        key, sep, path = e.partition("=")
-        if not sep or not key or not path:
-            raise UserError(f"task_data: {e!r}; expected TASK=PATH or TASK.SPLIT=PATH (a directory, file, glob or hub name)")
-        task, _, split = key.partition(".")
-        out.setdefault(task, {})[split or None] = path
-    return out
-
-
-def _find(root: Path, globs: list[str]) -> list[Path]:
-    from alignment.data import LOCAL_SUFFIXES
-
-    for g in globs:
-        hits = sorted(p for p in root.glob(g) if p.is_file() and not p.name.endswith(".lst"))
-        if hits:
-            return hits
-    if not globs:  # a spec without file names: every data file in the directory
-        return sorted(p for p in root.rglob("*") if p.is_file() and any(p.name.endswith(s) or p.name.endswith(s + ".gz")
-                                                                       for s in LOCAL_SUFFIXES))
-    return []
-
-
-def split_source(spec: TaskSpec, split: str, data_dir: str | None, task_data: dict) -> list[Path] | str:
-    """Where a split's rows are: local files (explicit, or the spec's globs under the task's directory), else the
-    spec's hub dataset. One clear error naming what was looked for when there is nothing."""
-    mine = task_data.get(spec.task, {})
-    explicit = mine.get(split)
-    root = None
-    if isinstance(explicit, list):  # several files of one split (mmlu_test_files)
-        missing = [f for f in explicit if not Path(f).expanduser().is_file()]
-        if missing:
-            raise UserError(f"{missing[0]}: task file not found")
-        return [Path(f).expanduser() for f in explicit]
-    if explicit is not None:
-        p = Path(explicit).expanduser()
-        if p.is_file():
-            return [p]
-        if p.is_dir():
-            files = _find(p, spec.data_files.get(split, [])) or _find(p, [])
-            if not files:
-                raise UserError(f"task_data {spec.task}.{split}: {p} holds no data files")
-            return files
-        hits = sorted(Path().glob(explicit)) if any(ch in explicit for ch in "*?[") else []
-        if hits:
-            return hits
-        from alignment.data import looks_local
-
-        if looks_local(explicit):
-            raise UserError(f"task_data {spec.task}.{split}: {explicit}: no such file or directory")
-        return explicit  # a hub dataset name
-    if None in mine:
-        p = Path(mine[None]).expanduser()
-        if p.is_file():
-            if split == spec.eval_split:
-                return [p]
-            root = None
-        elif p.is_dir():
-            root = p
-        else:
-            raise UserError(f"task_data {spec.task}: {mine[None]}: no such file or directory")
-    elif data_dir:
-        root = Path(data_dir).expanduser()
-        if not root.is_dir():
-            raise UserError(f"data_dir: {data_dir}: not a directory")
-    if root is not None:
-        files = _find(root, spec.data_files.get(split, []))
-        if files:
-            return files
-    if spec.dataset_path and root is None and None not in mine:
-        return spec.dataset_path
-    looked = ", ".join(spec.data_files.get(split, [])) or "data files"
-    raise UserError(f"{spec.task}: no {split!r} split found{f' under {root}' if root else ''} (looked for {looked}); "
-                    f"give --task_data {spec.task}=DIR or --task_data {spec.task}.{split}=FILE")
-
-
-def read_split(spec: TaskSpec, source: list[Path] | str, split: str) -> list[dict]:
-    """Documents of one split: rows in one of the spec's layouts, mapped to the task's fields, then process_docs.
-    Each document remembers its place (`_where`) for error messages."""
-    from alignment.data import read_file_rows, read_rows
-
-    docs = []
-    if isinstance(source, str):  # a hub dataset: the rows are in the hub layout
-        import inspect
-
-        # alignment.data.read_rows takes the hub configuration once it has a `config` parameter (asked of the lead)
-        kw = {"config": spec.dataset_name} if "config" in inspect.signature(read_rows).parameters else {}
-        rows = read_rows(source, split, **kw)
-        layout = _detect(spec, rows, Path(source)) if spec.layouts else None
-        for r in rows:
-            docs.append(_map_row(spec, layout, r.data, r.where, Path(source)))
-    else:
-        for path in source:
-            rows = read_file_rows(path)
-            layout = None
-            if spec.layouts:
-                layout = _detect(spec, rows, path)
-                if layout.csv_fieldnames:
-                    rows = read_file_rows(path, fieldnames=layout.csv_fieldnames)
-            labels = _sibling_labels(path, layout, len(rows)) if layout and layout.labels_file else None
-            for i, r in enumerate(rows):
-                data = dict(r.data) if isinstance(r.data, dict) else r.data
-                if labels is not None:
-                    data[layout.labels_file["field"]] = labels[i]
-                docs.append(_map_row(spec, layout, data, r.where, path))
-    if not docs:
-        raise UserError(f"{spec.task}: the {split!r} split has no rows")
-    return docs
-
-
-def _csv_width(path: Path) -> int:
-    """Cells in a CSV file's first record (a headerless file's first row is data, so its names can repeat)."""
-    import csv
-    import io
-
-    from alignment.data import read_text
-
-    return len(next(csv.reader(io.StringIO(read_text(path))), []))
-
-
-def _detect(spec: TaskSpec, rows: list, path: Path) -> Layout:
-    """The first of the spec's layouts the file's first row fits (a headerless CSV layout: by its number of cells)."""
-    data = rows[0].data if rows and isinstance(rows[0].data, dict) else {}
-    for layout in spec.layouts:
-        if layout.csv_fieldnames:
-            if _base_suffix(path) == ".csv" and _csv_width(path) == len(layout.csv_fieldnames):
-                return layout
-        elif rows and layout.matches(data, path):
-            return layout
-    if not rows:
-        raise UserError(f"{path}: no rows; expected a {spec.task} file")
-    row = rows[0]
-    found = ", ".join(sorted(map(str, data))) if data else type(row.data).__name__
-    raise UserError(f"{row.where}: {spec.task}: fields found: {found}; expected one of the layouts: "
-                    + "; ".join(lay.describe() for lay in spec.layouts))
-
-
-def _base_suffix(path: Path) -> str:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix.lower()
-
-
-def _sibling_labels(path: Path, layout: Layout, n: int) -> list[int]:
-    from alignment.data import read_text
-
-    lp = _labels_path(path, layout.labels_file)
-    lines = [ln.strip() for ln in read_text(lp).splitlines() if ln.strip()]
-    if len(lines) != n:
-        raise UserError(f"{lp}: {len(lines)} labels for the {n} rows of {path.name}; expected one label per row")
-    out = []
-    for i, ln in enumerate(lines, 1):
-        if not ln.lstrip("-").isdigit():
-            raise UserError(f"{lp}:{i}: label {ln!r}; expected an integer")
-        out.append(int(ln))
-    return out
-
-
-def _map_row(spec: TaskSpec, layout: Layout | None, data, where: str, path: Path) -> dict:
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a JSON object (a mapping of fields), got {type(data).__name__}")
-    doc = dict(data)
-    if layout is not None:
-        missing = [p for p in layout.requires if not has_path(data, p)]
-        if missing:
-            raise UserError(f"{where}: {spec.task}: missing {', '.join(missing)} of the layout {layout.name}")
-        variables = {**data, "file_stem": _file_stem(path)}
-        for name, expr in layout.fields.items():
-            doc[name] = spec.evaluate(expr, variables, name, where)
-    for name, expr in spec.process_docs.items():
-        doc[name] = spec.evaluate(expr, doc, name, where)
-    doc["_where"], doc["_file"] = where, str(path)
-    return doc
-
-
-BOOKKEEPING = ("_where", "_file")
-
-
-def public(doc: dict) -> dict:
-    """A document without its bookkeeping (what is hashed, compared and shown)."""
-    return {k: v for k, v in doc.items() if k not in BOOKKEEPING}
-
-
-# ---------------------------------------------------------------------------------------------------- few-shot
-
-
-class FewshotSampler:
-    """lm-eval's samplers: `first_n` takes the first n; `default` draws with one Random(seed) per task, in document
-    order, n + 1 then drops the scored document when shots come from the scored split."""
-
-    def __init__(self, pool: list[dict], sampler: str, exclude_eval_doc: bool, seed: int = FEWSHOT_SEED):
-        self.pool = pool
-        self.sampler = sampler
-        self.exclude = exclude_eval_doc
-        self.rnd = random.Random(seed)
-
-    def sample(self, n: int, doc: dict) -> list[dict]:
-        if n == 0:
-            return []
-        eq = lambda a, b: public(a) == public(b)  # noqa: E731 - lm-eval compares documents with ==
-        if self.sampler == "first_n":
-            pool = [x for x in self.pool if not eq(x, doc)] if self.exclude else self.pool
-            return pool[:n]
-        if not self.exclude:
-            return self.rnd.sample(self.pool, n)
-        res = [x for x in self.rnd.sample(self.pool, n + 1) if not eq(x, doc)][:n]
-        if len(res) < n:  # duplicates of the scored document were drawn: draw again from the rest (lm-eval)
-            res = self.rnd.sample([x for x in self.pool if not eq(x, doc)], n)
-        return res
-
-
-@dataclass
-class TaskData:
-    """One scored task (a subtask of a spec with `subtasks`): its documents, each document's shots, where they came from."""
-
-    spec: TaskSpec
-    name: str
-    docs: list[dict]
-    shots: list[list[dict]]
-    num_fewshot: int
-    source: str
-    pool: list[dict] = field(default_factory=list)  # where the shots were drawn from
-    group: str | None = None
-
-
-def effective_fewshot(spec: TaskSpec, requested: int | None) -> int:
-    """lm-eval's rule: a task whose spec fixes num_fewshot: 0 keeps it; otherwise the request, else the spec's default."""
-    if spec.num_fewshot == 0:
-        return 0
-    return requested if requested is not None else (spec.num_fewshot or 0)
-
-
-def load_task(spec: TaskSpec, data_dir: str | None = None, task_data: dict | None = None, num_fewshot: int | None = None,
-              limit: int | None = None, subtasks: list[str] | None = None, seed: int = FEWSHOT_SEED) -> list[TaskData]:
-    """Read a spec's scored split (and its few-shot split when shots are asked for) and draw every document's shots,
-    before any model work; returns one TaskData per subtask (or one)."""
-    task_data = task_data or {}
-    n = effective_fewshot(spec, num_fewshot)
-    src = split_source(spec, spec.eval_split, data_dir, task_data)
-    docs = read_split(spec, src, spec.eval_split)
-    pool: list[dict] = []
-    if n > 0:
-        if spec.samples is not None:
-            pool = [dict(s, _where=f"{spec.path}: fewshot_config.samples[{i}]") for i, s in enumerate(spec.samples)]
-        elif spec.shots_split == spec.eval_split:
-            pool = docs
-        else:
-            pool = read_split(spec, split_source(spec, spec.shots_split, data_dir, task_data), spec.shots_split)
-    groups = _group(spec, docs, subtasks)
-    pools = _group(spec, pool, None) if spec.subtasks else {None: pool}
-    out = []
-    for key, group_docs in groups.items():
-        scored = group_docs[:limit] if limit else group_docs
-        shots_pool = pools.get(key, []) if spec.subtasks else pool
-        need = n + 1 if spec.exclude_eval_doc and spec.sampler == "default" else n
-        if n and len(shots_pool) < need:
-            where = f"{spec.task}" + (f"_{key}" if key is not None else "")
-            raise UserError(f"{where}: num_fewshot={n} but the few-shot split {spec.shots_split!r} has {len(shots_pool)} documents; "
-                            f"expected at most {max(0, len(shots_pool) - (need - n))} shots")
-        sampler = FewshotSampler(shots_pool, spec.sampler, spec.exclude_eval_doc, seed)
-        shots = [sampler.sample(n, d) for d in scored]
-        for d, s in zip(scored, shots):  # every template, choice list and label checked before any model work
-            spec.turns(d, s)
-            if spec.output_type == "multiple_choice":
-                spec.gold(d, spec.choices(d))
-        if spec.sampler == "first_n" and any(len(s) < n for s in shots):
-            raise UserError(f"{spec.task}: num_fewshot={n} but the few-shot split has fewer documents besides the scored one")
-        name = spec.task if key is None else f"{spec.task}_{key}"
-        source = src if isinstance(src, str) else ", ".join(dict.fromkeys(d["_file"] for d in group_docs))
-        out.append(TaskData(spec, name, scored, shots, n, source, shots_pool, group=spec.task if key is not None else None))
-    return out
-
-
-def _group(spec: TaskSpec, docs: list[dict], only: list[str] | None) -> dict:
-    if not spec.subtasks:
-        return {None: docs}
-    groups: dict = {}
-    for d in docs:
-        if spec.subtasks not in d:
-            raise UserError(f"{_where(d)}: {spec.task}: no {spec.subtasks!r} field to group subtasks by")
-        groups.setdefault(str(d[spec.subtasks]), []).append(d)
-    if only:
-        missing = [s for s in only if s not in groups]
-        if missing:
-            raise UserError(f"{spec.task}: {spec.subtasks} {', '.join(missing)} not found; available: {', '.join(sorted(groups))}")
-        groups = {k: groups[k] for k in only}
-    return {k: groups[k] for k in sorted(groups)}

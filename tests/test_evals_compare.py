@@ -119,7 +119,8 @@ def test_bad_input_one_line_exit_2(tiny_model_dir, tiny_tokenizer_dir, mmlu_dir,
 
 def test_input_formats_agree(tmp_path):
     """Original MMLU CSV, header CSV with index answers and cais/mmlu JSONL give the same documents."""
-    from evals.taskspec import load_spec, load_task
+    from evals.taskdata import load_task
+    from evals.taskspec import load_spec
 
     for d in ("orig", "hdr", "cais"):
         (tmp_path / d).mkdir()

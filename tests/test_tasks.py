@@ -18,7 +18,8 @@ from _evals_utils import LM_EVAL_TASKS, write_public_layouts
 from evals.generative import apply_filter, evaluate_generate_until, exact_match
 from evals.multiple_choice import evaluate_mc
 from evals.scoring import scoring_model
-from evals.taskspec import load_spec, load_task
+from evals.taskdata import load_task
+from evals.taskspec import load_spec
 
 MAX_GEN = 12  # generated tokens per gsm8k answer (the test model's context is 256)
 
@@ -190,7 +191,7 @@ def test_fewshot_draws_follow_lm_eval():
     when shots come from the scored split (hellaswag, piqa, winogrande: fewshot_split and test_split both unset)."""
     import random
 
-    from evals.taskspec import FewshotSampler
+    from evals.taskdata import FewshotSampler
 
     pool = [{"i": i} for i in range(10)]
     rnd = random.Random(1234)

@@ -23,14 +23,16 @@ import yaml
 # our spec name -> lm-eval 0.4.13's YAML for the same task, relative to lm_eval/tasks
 LM_EVAL_YAML = {
     "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-    "piqa": "piqa/piqa.yaml", "truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml", "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml",
-    "winogrande": "winogrande/default.yaml", "gsm8k": "gsm8k/gsm8k.yaml",
+    "piqa": "piqa/piqa.yaml", "truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml",
+    "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml", "winogrande": "winogrande/default.yaml",
+    "gsm8k": "gsm8k/gsm8k.yaml",
 }
 HEADERS = {
     "letter": "The following are multiple choice questions (with answers) about {subject}.\n\n",
     "cloze": "The following are questions (with answers) about {subject}.\n\n",
 }
-LETTER_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+LETTER_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}"
+               "\nAnswer:")
 CLOZE_TEXT = "Question: {{question.strip()}}\nAnswer:"
 
 
@@ -66,7 +68,8 @@ def write_mc_tasks(tasks, out_dir: str | Path, scoring: str = "letter", limit: i
         rows = t.docs[:limit] if limit else t.docs
 
         def cais(docs):
-            return [{"question": d["question"], "subject": subject, "choices": d["choices"], "answer": d["answer"]} for d in docs]
+            return [{"question": d["question"], "subject": subject, "choices": d["choices"], "answer": d["answer"]}
+                    for d in docs]
 
         test = _write_jsonl(out / f"{subject}_test.jsonl", cais(rows))
         dev = _write_jsonl(out / f"{subject}_dev.jsonl", cais(t.pool or rows))  # (0-shot: never read, but must exist)
@@ -95,7 +98,8 @@ def write_perplexity_task(documents: list[str], out_dir: str | Path, name: str =
     data = out / f"{name}.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
     spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-            "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
+            "doc_to_target": "{{text}}",
             "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
             "metadata": {"version": 1.0}}
     (out / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
@@ -105,11 +109,13 @@ def write_perplexity_task(documents: list[str], out_dir: str | Path, name: str =
 def mmlu_tasks(mmlu_dir: str | Path, scoring: str = "letter", num_fewshot: int = 0, limit: int | None = None,
                subjects: list[str] | None = None):
     """The mmlu spec's subjects read from an MMLU directory (test/, dev/), as `align eval --tasks mmlu` reads them."""
-    from evals.taskspec import load_spec, load_task
+    from evals.taskdata import load_task
+    from evals.taskspec import load_spec
 
     spec = load_spec("mmlu" if scoring == "letter" else "mmlu_continuation")
     spec.task = "mmlu"
-    return load_task(spec, task_data={"mmlu": {None: str(mmlu_dir)}}, num_fewshot=num_fewshot, limit=limit, subtasks=subjects)
+    return load_task(spec, task_data={"mmlu": {None: str(mmlu_dir)}}, num_fewshot=num_fewshot, limit=limit,
+                     subtasks=subjects)
 
 
 def main(argv=None) -> None:
