@@ -222,6 +222,15 @@ def test_user_task_yaml_end_to_end(tmp_path, model_dir):
                  "--output", str(out), "--progress", "false"])
     rep = json.loads(out.read_text())["results"]["colours"]
     assert (rep["n"], rep["version"], rep["num_fewshot"]) == (4, "0.1", 0) and 0 <= rep["acc_norm"] <= 1 and len(rep["data_hash"]) == 16
+    # compare shows every metric of every task, and refuses a report on other items
+    from evals.compare import compare
+
+    other = json.loads(out.read_text())
+    rows, problems = compare([other, other], ["a", "b"])
+    assert [(r["task"], r["metric"]) for r in rows] == [("colours", m) for m in ("acc", "acc_norm", "acc_centered")] and not problems
+    other["results"]["colours"]["data_hash"] = "0" * 16
+    with pytest.raises(Exception, match="data_hash differs"):
+        compare([json.loads(out.read_text()), other], ["a", "b"])
 
 
 def test_hub_model_name_from_the_local_cache_offline(tmp_path, model_dir, data):
