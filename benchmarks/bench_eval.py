@@ -41,14 +41,16 @@ def make_model(out: Path, preset: str = "tiny", context: int = 2048) -> Path:
 
     tok = out / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
-        train_tokenizer(TokenizerConfig(files=[str(SHARED / "pretrain" / "tinystories_sample.txt")], vocab_size=4096, output_dir=str(tok),
-                                        reference="none", txt_split="paragraph", model_max_length=context, overwrite=True))
+        train_tokenizer(TokenizerConfig(files=[str(SHARED / "pretrain" / "tinystories_sample.txt")], vocab_size=4096,
+                                        output_dir=str(tok), reference="none", txt_split="paragraph",
+                                        model_max_length=context, overwrite=True))
     model = out / "model"
     if not (model / "config.json").is_file():
-        export(ExportConfig(tokenizer=str(tok), preset=preset, max_position_embeddings=context, output_dir=str(model), seed=0,
-                            overwrite=True))
+        export(ExportConfig(tokenizer=str(tok), preset=preset, max_position_embeddings=context, output_dir=str(model),
+                            seed=0, overwrite=True))
         gen = GenerationConfig.from_pretrained(model)
-        GenerationConfig(bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id).save_pretrained(model)
+        GenerationConfig(bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id,
+                         pad_token_id=gen.pad_token_id).save_pretrained(model)
     return model
 
 
@@ -71,8 +73,8 @@ def generated_items(task: str, n: int, n_train: int, seed: int = 0) -> dict[str,
     def one(i):
         if task.startswith("arc"):
             labels = list("ABCD") if rng.random() < 0.9 else list("ABCDE")
-            return {"id": f"q{i}", "question": text(15, 30) + "?", "choices": {"text": [text(2, 7) for _ in labels], "label": labels},
-                    "answerKey": rng.choice(labels)}
+            return {"id": f"q{i}", "question": text(15, 30) + "?", "answerKey": rng.choice(labels),
+                    "choices": {"text": [text(2, 7) for _ in labels], "label": labels}}
         if task == "hellaswag":
             return {"ind": i, "activity_label": text(1, 3).title(), "ctx_a": text(20, 35), "ctx_b": text(4, 10),
                     "endings": [text(12, 25) for _ in range(4)], "label": str(rng.randint(0, 3))}
@@ -81,8 +83,10 @@ def generated_items(task: str, n: int, n_train: int, seed: int = 0) -> dict[str,
         if task.startswith("truthfulqa"):
             k1, k2 = rng.randint(4, 6), rng.randint(5, 9)
             labels = [1] * rng.randint(1, k2 - 1)
-            return {"question": text(8, 16) + "?", "mc1_targets": {"choices": [text(5, 12) for _ in range(k1)], "labels": [1] + [0] * (k1 - 1)},
-                    "mc2_targets": {"choices": [text(5, 12) for _ in range(k2)], "labels": labels + [0] * (k2 - len(labels))}}
+            return {"question": text(8, 16) + "?",
+                    "mc1_targets": {"choices": [text(5, 12) for _ in range(k1)], "labels": [1] + [0] * (k1 - 1)},
+                    "mc2_targets": {"choices": [text(5, 12) for _ in range(k2)],
+                                    "labels": labels + [0] * (k2 - len(labels))}}
         if task == "winogrande":
             o1, o2 = text(1, 2), text(1, 2)
             return {"qID": f"w{i}", "sentence": f"{text(8, 14)} _ {text(6, 12)}.", "option1": o1, "option2": o2,
@@ -115,7 +119,8 @@ def agreement(task: str, samples: list[dict], theirs: list[dict], generative: bo
     return differ, max_d
 
 
-def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit: int | None, repeats: int, work: Path) -> dict:
+def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit: int | None, repeats: int, work: Path,
+            lm_eval_batch_size: int) -> dict:
     """Time ours and lm-eval alternately on one task and shot count; returns the table row."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -131,7 +136,8 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
     if task == "mmlu":
         spec.task = "mmlu"
         task_data = {"mmlu": {None: data["mmlu_dir"]}}
-        names = write_mc_tasks(load_task(spec, task_data=task_data, num_fewshot=max(shots, 1)), yaml_dir, "letter", limit)
+        subjects = load_task(spec, task_data=task_data, num_fewshot=max(shots, 1))  # with the dev rows
+        names = write_mc_tasks(subjects, yaml_dir, "letter", limit)
     else:
         task_data = {task: {split: str(f) for split, f in data[task]["ours"].items()}}
         names = [write_lm_eval_task(task, data[task]["hub"], yaml_dir)]
@@ -145,8 +151,9 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
             ours, samples = evaluate_mc(lm, tasks, batch_size=batch_size, progress=False)
         t_ours = min(t_ours, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model=hflm, tasks=names, num_fewshot=shots, batch_size=batch_size, log_samples=True, limit=limit,
-                                      task_manager=TaskManager(include_path=str(yaml_dir), include_defaults=False), bootstrap_iters=0)
+        manager = TaskManager(include_path=str(yaml_dir), include_defaults=False)
+        res = lm_eval.simple_evaluate(model=hflm, tasks=names, num_fewshot=shots, batch_size=lm_eval_batch_size,
+                                      log_samples=True, limit=limit, task_manager=manager, bootstrap_iters=0)
         t_lm = min(t_lm, time.perf_counter() - t0)
     differ, max_d, n = 0, 0.0, 0
     for t, name in zip(tasks, names):
@@ -160,7 +167,8 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
         theirs_metric = sum(res["results"][nm][key] * len(t.docs) for nm, t in zip(names, tasks)) / n
     else:
         theirs_metric = res["results"][names[0]][key]
-    return {"task": task, "num_fewshot": shots, "n": n, "ours_s": round(t_ours, 2), "lm_eval_s": round(t_lm, 2),
+    return {"task": task, "num_fewshot": shots, "n": n, "batch_size": [batch_size, lm_eval_batch_size],
+            "ours_s": round(t_ours, 2), "lm_eval_s": round(t_lm, 2),
             "speedup": round(t_lm / t_ours, 2), "items_differ": differ, "max_abs_ll_diff": max_d,
             "metric": metric, "ours": head[metric], "lm_eval": theirs_metric}
 
@@ -168,13 +176,17 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="A model directory (or use --make_model).")
-    ap.add_argument("--make_model", default=None, help="Write a random 'tiny' Llama with a 4096-token tokenizer here first.")
+    ap.add_argument("--make_model", default=None, help="Write a random 'tiny' Llama (4096-token tokenizer) here first.")
     ap.add_argument("--mmlu_dir", default=str(SHARED / "eval" / "mmlu"))
-    ap.add_argument("--gsm8k_dir", default=None, help="grade_school_math/data of openai/grade-school-math (train.jsonl, test.jsonl).")
-    ap.add_argument("--runs", default="mmlu:0,mmlu:5,arc_challenge:0,arc_challenge:5,hellaswag:0,piqa:0,truthfulqa_mc2:0,winogrande:0,gsm8k:5")
+    ap.add_argument("--gsm8k_dir", default=None, help="grade_school_math/data of openai/grade-school-math "
+                    "(train.jsonl, test.jsonl).")
+    ap.add_argument("--runs", default="mmlu:0,mmlu:5,arc_challenge:0,arc_challenge:5,hellaswag:0,piqa:0,"
+                    "truthfulqa_mc2:0,winogrande:0,gsm8k:5")
     ap.add_argument("--n", type=int, default=200, help="Generated items per multiple-choice task.")
     ap.add_argument("--n_gsm8k", type=int, default=32, help="GSM8K items.")
     ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--lm_eval_batch_size", type=int, default=None, help="lm-eval's batch size (default: --batch_size; "
+                    "its CLI's own default is 1).")
     ap.add_argument("--mmlu_limit", type=int, default=None, help="MMLU items per subject.")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -190,7 +202,8 @@ def main(argv=None) -> list[dict]:
     lm = scoring_model(model)
     load_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hflm = HFLM(pretrained=model, dtype="float32", device=str(next(lm.model.parameters()).device), batch_size=args.batch_size)
+    lm_bs = args.lm_eval_batch_size or args.batch_size
+    hflm = HFLM(pretrained=model, dtype="float32", device=str(next(lm.model.parameters()).device), batch_size=lm_bs)
     load_lm = time.perf_counter() - t0
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -202,7 +215,8 @@ def main(argv=None) -> list[dict]:
             if task == "gsm8k" and args.gsm8k_dir:
                 from alignment.data import read_file_rows
 
-                hub = {s: [r.data for r in read_file_rows(Path(args.gsm8k_dir, f"{s}.jsonl"))] for s in ("train", "test")}
+                hub = {s: [r.data for r in read_file_rows(Path(args.gsm8k_dir, f"{s}.jsonl"))]
+                       for s in ("train", "test")}
                 hub["test"] = hub["test"][:args.n_gsm8k]
             else:
                 hub = generated_items(task, args.n_gsm8k if task == "gsm8k" else args.n, 100)
@@ -214,17 +228,20 @@ def main(argv=None) -> list[dict]:
             data[task] = {"hub": hub, "ours": files}
         for run in args.runs.split(","):
             task, shots = run.split(":")
-            r = run_one(lm, hflm, task, int(shots), data, args.batch_size, args.mmlu_limit if task == "mmlu" else None, args.repeats, work)
+            r = run_one(lm, hflm, task, int(shots), data, args.batch_size, args.mmlu_limit if task == "mmlu" else None,
+                        args.repeats, work, lm_bs)
             rows.append(r)
-            print(f"{task:15s} {shots}-shot n={r['n']}: ours {r['ours_s']:.1f}s  lm-eval {r['lm_eval_s']:.1f}s  speedup {r['speedup']:.2f}x  "
-                  f"items differ {r['items_differ']}  max|dll| {r['max_abs_ll_diff']:.1e}  {r['metric']} ours {r['ours']:.4f} "
+            print(f"{task:15s} {shots}-shot n={r['n']}: ours {r['ours_s']:.1f}s  lm-eval {r['lm_eval_s']:.1f}s  "
+                  f"speedup {r['speedup']:.2f}x  items differ {r['items_differ']}  "
+                  f"max|dll| {r['max_abs_ll_diff']:.1e}  "
+                  f"{r['metric']} ours {r['ours']:.4f} "
                   f"lm-eval {r['lm_eval']:.4f}", flush=True)
     print(f"model load: ours {load_ours:.1f}s, lm-eval {load_lm:.1f}s")
     if args.out:
         from alignment.io import atomic_write_json
 
-        atomic_write_json(args.out, {"model": model, "threads": torch.get_num_threads(), "load_s": {"ours": load_ours, "lm_eval": load_lm},
-                                     "results": rows})
+        atomic_write_json(args.out, {"model": model, "threads": torch.get_num_threads(),
+                                     "load_s": {"ours": load_ours, "lm_eval": load_lm}, "results": rows})
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from alignment.errors import UserError
 
-from .taskspec import FEWSHOT_SEED, Layout, TaskSpec, _file_stem, _labels_path, _where, has_path
+from .taskspec import FEWSHOT_SEED, TASKS_DIR, Layout, TaskSpec, _file_stem, _labels_path, _where, has_path
 
 
 def parse_task_data(entries: list[str]) -> dict[str, dict[str | None, str]]:
@@ -49,8 +49,9 @@ def _find(root: Path, globs: list[str]) -> list[Path]:
 
 
 def split_source(spec: TaskSpec, split: str, data_dir: str | None, task_data: dict) -> list[Path] | str:
-    """Where a split's rows are: local files (explicit, or the spec's globs under the task's directory), else the
-    spec's hub dataset. One clear error naming what was looked for when there is nothing."""
+    """Where a split's rows are: local files (explicit, or the spec's globs under the task's directory: --task_data
+    TASK=DIR, else --data_dir, else a user's YAML's own directory), else the spec's hub dataset. One clear error
+    naming what was looked for when there is nothing."""
     mine = task_data.get(spec.task, {})
     explicit = mine.get(split)
     root = None
@@ -90,6 +91,8 @@ def split_source(spec: TaskSpec, split: str, data_dir: str | None, task_data: di
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise UserError(f"data_dir: {data_dir}: not a directory")
+    elif spec.path and Path(spec.path).parent.resolve() != TASKS_DIR.resolve() and spec.data_files.get(split):
+        root = Path(spec.path).parent  # a user's spec: its data_files are relative to the YAML itself
     if root is not None:
         files = _find(root, spec.data_files.get(split, []))
         if files:

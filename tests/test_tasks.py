@@ -206,7 +206,7 @@ def test_fewshot_draws_follow_lm_eval():
 
 
 def test_user_task_yaml_end_to_end(tmp_path, model_dir):
-    """A user's own task: a YAML beside their file, run by `align eval --tasks my.yaml`, one report with every task."""
+    """A user's own task: a YAML beside their file (data_files relative to it), run by `align eval --tasks my.yaml`."""
     import json
 
     from evals import harness
@@ -218,8 +218,7 @@ def test_user_task_yaml_end_to_end(tmp_path, model_dir):
         "layouts: [{name: my rows, requires: [q, options, gold]}]\n"
         "doc_to_text: 'Q: {{q}}\\nA:'\ndoc_to_choice: options\ndoc_to_target: gold\nmetric_list: [{metric: acc}, {metric: acc_norm}]\n")
     out = tmp_path / "r.json"
-    harness.cli(["--model", str(model_dir), "--tasks", f"{tmp_path / 'mine.yaml'}", "--task_data", f"colours={tmp_path}",
-                 "--output", str(out), "--progress", "false"])
+    harness.cli(["--model", str(model_dir), "--tasks", f"{tmp_path / 'mine.yaml'}", "--output", str(out), "--progress", "false"])
     rep = json.loads(out.read_text())["results"]["colours"]
     assert (rep["n"], rep["version"], rep["num_fewshot"]) == (4, "0.1", 0) and 0 <= rep["acc_norm"] <= 1 and len(rep["data_hash"]) == 16
     # compare shows every metric of every task, and refuses a report on other items
