@@ -136,8 +136,8 @@ def run_one(lm, hflm, task: str, shots: int, data: dict, batch_size: int, limit:
     if task == "mmlu":
         spec.task = "mmlu"
         task_data = {"mmlu": {None: data["mmlu_dir"]}}
-        subjects = load_task(spec, task_data=task_data, num_fewshot=max(shots, 1))  # with the dev rows
-        names = write_mc_tasks(subjects, yaml_dir, "letter", limit)
+        subjects = load_task(spec, task_data=task_data, num_fewshot=max(shots, 1))  # every row, with the dev rows
+        names = write_mc_tasks(subjects, yaml_dir, "letter")  # all rows: both sides read them all, then apply limit
     else:
         task_data = {task: {split: str(f) for split, f in data[task]["ours"].items()}}
         names = [write_lm_eval_task(task, data[task]["hub"], yaml_dir)]

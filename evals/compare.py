@@ -2,12 +2,12 @@
 
     align compare runs/tiny/eval/base.json runs/tiny/eval/sft.json runs/tiny/eval/dpo.json --output runs/tiny/eval/compare.md
 
-One row per (task, metric) for every metric of every task, one column per report. A delta is marked `~` (noise) when it is within two standard
-errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when its protocol agrees across
-reports (version, n, n-shot, scoring, chat template and few-shot turns), the items actually scored are the same (their hash), preference
-tasks used the same reward and reference models and sampling settings, and perplexities come from the same tokenizer
-(bits per byte excepted: it does not depend on the tokenizer); otherwise compare refuses (exit status 2) naming the
-difference, unless --force. Writes Markdown and a PNG.
+One row per (task, metric) for every metric of every task, one column per report. A delta is marked `~` (noise)
+when it is within two standard errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when
+its protocol agrees across reports (version, n, n-shot, scoring, chat template and few-shot turns), the items actually
+scored are the same (their hash), preference tasks used the same reward and reference models and sampling settings,
+and perplexities come from the same tokenizer (bits per byte excepted: it does not depend on the tokenizer);
+otherwise compare refuses (exit status 2) naming the difference, unless --force. Writes Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .report import LOWER_IS_BETTER, fmt, load_report, metric_names
 
 # what must agree for two numbers of a task to be comparable: the protocol, the items actually scored (their hash), the
 # judge and the reference of preference tasks, and how responses were sampled
-PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "fewshot_as_multiturn", "stride", "data_hash",
-                 "reward_model_hash", "reference_model_hash", "temperature", "max_new_tokens", "num_samples")
+PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "fewshot_as_multiturn", "stride",
+                 "data_hash", "reward_model_hash", "reference_model_hash", "temperature", "max_new_tokens", "num_samples")
 TOKENIZER_DEPENDENT = {"word_perplexity", "byte_perplexity", "token_perplexity", "loss"}
 
 

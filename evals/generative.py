@@ -172,7 +172,7 @@ def evaluate_generate_until(lm: ScoringModel, tasks: list[TaskData], apply_chat_
         prompts = []
         for doc, shots in zip(t.docs, t.shots):
             (turns,) = spec.turns(doc, shots)
-            ctx = context_ids(tok, turns, apply_chat_template, fewshot_as_multiturn, prefix, None)
+            ctx = context_ids(tok, turns, apply_chat_template, fewshot_as_multiturn, prefix)
             ids = ctx if isinstance(ctx, list) else prefix + encode_text(tok, ctx)
             prompts.append(ids[-room:])  # lm-eval truncates the prompt from the left
         # longest first, as lm-eval batches them: the least padding, and the same rows share a batch

@@ -45,10 +45,10 @@ class EvalConfig:
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter directory applied to --model."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit with bitsandbytes."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 with bitsandbytes."})
-    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"],
-                             metadata={"help": f"Any of {', '.join(SPECIAL_TASKS)}, a spec in evals/tasks/ (mmlu, arc_easy, arc_challenge, "
-                                               "hellaswag, piqa, truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k, ...) or a task "
-                                               "YAML file (comma-separated or repeated)."})
+    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"], metadata={
+        "help": f"Any of {', '.join(SPECIAL_TASKS)}, a spec in evals/tasks/ (mmlu, arc_easy, arc_challenge, hellaswag, "
+                "piqa, truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k, ...) or a task YAML file (comma-separated or "
+                "repeated)."})
     output: str = field(default="runs/tiny/eval/report.json", metadata={"help": "Report path (.json); .md and .png are written beside it."})
     # perplexity
     perplexity_files: list[str] = field(default_factory=list, metadata={"help": "Text files (.txt/.jsonl/.json/.parquet, globs) to score."})
@@ -59,21 +59,23 @@ class EvalConfig:
     txt_split: str = field(default="file", metadata={"help": ".txt documents: file, paragraph, line, or a separator line."})
     stride: int | None = field(default=None, metadata={"help": "Rolling-window stride in tokens (default: the context length, as lm-eval)."})
     # task specs
-    data_dir: str | None = field(default=None, metadata={"help": "Directory holding the tasks' downloaded files (each spec's "
-                                                                 "data_files say which names it looks for)."})
-    task_data: list[str] = field(default_factory=list, metadata={"help": "TASK=PATH (the task's directory, or the file of its "
-                                                                 "scored split) or TASK.SPLIT=PATH (a file, directory, glob or hub name)."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Directory holding the tasks' downloaded files (each spec's data_files say which names it looks for)."})
+    task_data: list[str] = field(default_factory=list, metadata={
+        "help": "TASK=PATH (the task's directory, or the file of its scored split) or TASK.SPLIT=PATH (a file, "
+                "directory, glob or hub name)."})
     fewshot_seed: int = field(default=1234, metadata={"help": "Seed of the few-shot sampler (lm-eval's default 1234)."})
-    max_gen_toks: int | None = field(default=None, metadata={"help": "Generation tasks: tokens per answer (default: the spec's, "
-                                                                     "lm-eval's 256)."})
+    max_gen_toks: int | None = field(default=None, metadata={
+        "help": "Generation tasks: tokens per answer (default: the spec's, lm-eval's 256)."})
     mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU directory with test/ and dev/ (<subject>_test.csv, <subject>_dev.csv)."})
     mmlu_test_files: list[str] = field(default_factory=list, metadata={"help": "Test files (.csv or cais/mmlu .jsonl/.parquet)."})
     mmlu_dev_files: list[str] = field(default_factory=list, metadata={"help": "Dev (few-shot) files."})
     subjects: list[str] = field(default_factory=list, metadata={"help": "Only these subjects (default: all found)."})
-    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples per question (default: each task's own; "
-                                                                   "MMLU: the first n dev rows)."})
-    scoring: str = field(default="letter", metadata={"help": "MMLU: letter (' A'..' D' after 'Answer:', lm-eval's mmlu) or cloze "
-                                                      "(answer texts, acc_norm: mmlu_continuation)."})
+    num_fewshot: int | None = field(default=None, metadata={
+        "help": "Few-shot examples per question (default: each task's own; MMLU: the first n dev rows)."})
+    scoring: str = field(default="letter", metadata={
+        "help": "MMLU: letter (' A'..' D' after 'Answer:', lm-eval's mmlu) or cloze (answer texts, acc_norm: "
+                "mmlu_continuation)."})
     apply_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template (empty target delimiter)."})
     fewshot_as_multiturn: bool = field(default=True, metadata={"help": "With a chat template: shots as user/assistant turns (lm-eval's default)."})
     # preference and generation
@@ -112,8 +114,8 @@ def _task_list(tasks) -> list[str]:
     names = _split(tasks)
     for t in names:
         if t not in SPECIAL_TASKS and not is_spec_name(t):
-            raise UserError(f"tasks: unknown task {t!r}; expected any of {', '.join(SPECIAL_TASKS + tuple(builtin_tasks()))} "
-                            "or a task YAML file")
+            known = ", ".join(SPECIAL_TASKS + tuple(builtin_tasks()))
+            raise UserError(f"tasks: unknown task {t!r}; expected any of {known} or a task YAML file")
     if not names:
         raise UserError(f"tasks: expected at least one of {', '.join(SPECIAL_TASKS)} or a task spec")
     return names
@@ -179,10 +181,10 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     for name in ("batch_size", "max_new_tokens", "num_samples", "answer_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: {getattr(cfg, name)}; expected a positive integer")
-    if (cfg.num_fewshot is not None and cfg.num_fewshot < 0) or cfg.temperature < 0 or (cfg.limit is not None and cfg.limit < 1) \
-            or (cfg.max_gen_toks is not None and cfg.max_gen_toks < 1):
-        raise UserError("num_fewshot, temperature, limit, max_gen_toks: expected num_fewshot >= 0, temperature >= 0 (0 = greedy), "
-                        "limit >= 1 and max_gen_toks >= 1")
+    if ((cfg.num_fewshot is not None and cfg.num_fewshot < 0) or cfg.temperature < 0
+            or (cfg.limit is not None and cfg.limit < 1) or (cfg.max_gen_toks is not None and cfg.max_gen_toks < 1)):
+        raise UserError("num_fewshot, temperature, limit, max_gen_toks: expected num_fewshot >= 0, temperature >= 0 "
+                        "(0 = greedy), limit >= 1 and max_gen_toks >= 1")
     # read and check every input before the (slow) model work, so bad input fails fast with nothing written
     docs = None
     if "perplexity" in tasks:

@@ -44,7 +44,7 @@ def special_prefix(tok) -> list[int]:
     return with_special[:n] if n > 0 and with_special[n:] == plain else []
 
 
-def context_ids(tok, turns, chat: bool, multiturn: bool, prefix: list[int], enc) -> list[int] | str:
+def context_ids(tok, turns, chat: bool, multiturn: bool, prefix: list[int]) -> list[int] | str:
     """A prompt as lm-eval feeds it: plain text (encoded by the caller, with its continuation) or the chat template's
     ids with the generation prompt (data text special-token safe)."""
     if not chat:
@@ -90,7 +90,7 @@ def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bo
         for di, (doc, shots) in enumerate(zip(t.docs, t.shots)):
             choices = spec.choices(doc)
             gold = spec.gold(doc, choices)
-            ctxs = [context_ids(tok, turns, apply_chat_template, fewshot_as_multiturn, prefix, enc)
+            ctxs = [context_ids(tok, turns, apply_chat_template, fewshot_as_multiturn, prefix)
                     for turns in spec.turns(doc, shots)]
             if spec.multiple_input(doc):
                 target = str(spec.target(doc))

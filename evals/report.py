@@ -20,14 +20,14 @@ from alignment.io import atomic_write_bytes, atomic_write_json, atomic_write_tex
 SCHEMA_VERSION = 1
 LOWER_IS_BETTER = {"bits_per_byte", "word_perplexity", "byte_perplexity", "token_perplexity", "loss", "kl"}
 # numbers in a task's result that describe the run or the data, not the model: never shown or compared as metrics
-NOT_METRICS = {"n", "num_fewshot", "num_samples", "stride", "max_length", "max_new_tokens", "temperature", "seed", "tokens",
-               "words", "bytes", "reward_policy", "reward_reference"}
+NOT_METRICS = {"n", "num_fewshot", "num_samples", "stride", "max_length", "max_new_tokens", "temperature", "seed",
+               "tokens", "words", "bytes", "reward_policy", "reward_reference"}
 
 
 def metric_names(result: dict) -> list[str]:
     """A task result's metrics, in the order written: its numbers that are not standard errors or run settings."""
-    return [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_stderr")
-            and k not in NOT_METRICS]
+    return [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith("_stderr") and k not in NOT_METRICS]
 
 
 def git_commit() -> str | None:
