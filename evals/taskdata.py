@@ -193,11 +193,8 @@ def _map_row(spec: TaskSpec, layout: Layout | None, data, where: str, path: Path
         missing = [p for p in layout.requires if not has_path(data, p)]
         if missing:
             raise UserError(f"{where}: {spec.task}: missing {', '.join(missing)} of the layout {layout.name}")
-        variables = {**data, "file_stem": _file_stem(path)}
-        for name, expr in layout.fields.items():
-            doc[name] = spec.evaluate(expr, variables, name, where)
-    for name, expr in spec.process_docs.items():
-        doc[name] = spec.evaluate(expr, doc, name, where)
+        doc.update(spec.evaluate_fields(layout.fields, {**data, "file_stem": _file_stem(path)}, where))
+    doc.update(spec.evaluate_fields(spec.process_docs, doc, where, sequential=True))
     doc["_where"], doc["_file"] = where, str(path)
     return doc
 

@@ -105,6 +105,12 @@ def _compiled(source: str, expression: bool):
     return env.compile_expression(source, undefined_to_none=False) if expression else env.from_string(source)
 
 
+@functools.lru_cache(maxsize=64)
+def _sequence(items: tuple) -> object:
+    """One template that sets each (name, expression) in turn; its module holds the values."""
+    return jinja_env().from_string("".join(f"{{% set {k} = ({e}) %}}" for k, e in items))
+
+
 def _force(value):
     """Raise the error of any undefined value inside a native result (compile_expression returns it silently)."""
     from jinja2 import Undefined
@@ -224,6 +230,24 @@ class TaskSpec:
         except Exception as e:  # noqa: BLE001 - any failure of a user's expression on a user's row is a data error
             raise UserError(f"{where}: {self.task}: {key} {expr!r} failed on this row "
                             f"({type(e).__name__}: {e})") from None
+
+    def evaluate_fields(self, exprs: dict[str, str], variables: dict, where: str, sequential: bool = False) -> dict:
+        """Several expressions on one row in one Jinja context (each alone costs a context): all on the same
+        variables, or `sequential`ly, each seeing the fields before it. A failure is reported as `evaluate` does."""
+        if not exprs:
+            return {}
+        try:
+            if sequential:
+                module = _sequence(tuple(exprs.items())).make_module(variables)
+                return _force({k: getattr(module, k) for k in exprs})
+            values = _compiled("[" + ", ".join(f"({e})" for e in exprs.values()) + "]", True)(**variables)
+            return _force(dict(zip(exprs, values)))
+        except Exception:  # noqa: BLE001 - evaluate one by one, so the error names the field that failed
+            seen, out = dict(variables), {}
+            for k, e in exprs.items():
+                out[k] = self.evaluate(e, seen if sequential else variables, k, where)
+                seen[k] = out[k]
+            return out
 
     def render(self, template: str, doc: dict, key: str):
         """A Jinja template rendered on a document (lm-eval's apply_template)."""
