@@ -2,12 +2,12 @@
 
     align compare runs/tiny/eval/base.json runs/tiny/eval/sft.json runs/tiny/eval/dpo.json --output runs/tiny/eval/compare.md
 
-One row per (task, metric), one column per report. A delta is marked `~` (noise) when it is within two standard
-errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when its protocol agrees across
-reports (version, n, n-shot, scoring, chat template), the items actually scored are the same (their hash), preference
-tasks used the same reward and reference models and sampling settings, and perplexities come from the same tokenizer
-(bits per byte excepted: it does not depend on the tokenizer); otherwise compare refuses (exit status 2) naming the
-difference, unless --force. Writes Markdown and a PNG.
+One row per (task, metric) for every metric of every task, one column per report. A delta is marked `~` (noise)
+when it is within two standard errors of the difference, sqrt(se_a^2 + se_b^2) * 2. A task is comparable only when
+its protocol agrees across reports (version, n, n-shot, scoring, chat template and few-shot turns), the items actually
+scored are the same (their hash), preference tasks used the same reward and reference models and sampling settings,
+and perplexities come from the same tokenizer (bits per byte excepted: it does not depend on the tokenizer);
+otherwise compare refuses (exit status 2) naming the difference, unless --force. Writes Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from alignment.config import parse_config
 from alignment.errors import UserError, exit_on_user_error
 from alignment.io import atomic_write_bytes, atomic_write_text
 
-from .report import HEADLINE, LOWER_IS_BETTER, fmt, load_report
+from .report import LOWER_IS_BETTER, fmt, load_report, metric_names
 
 # what must agree for two numbers of a task to be comparable: the protocol, the items actually scored (their hash), the
 # judge and the reference of preference tasks, and how responses were sampled
-PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "stride", "data_hash", "reward_model_hash",
-                 "reference_model_hash", "temperature", "max_new_tokens", "num_samples")
+PROTOCOL_KEYS = ("version", "n", "num_fewshot", "scoring", "apply_chat_template", "fewshot_as_multiturn", "stride",
+                 "data_hash", "reward_model_hash", "reference_model_hash", "temperature", "max_new_tokens", "num_samples")
 TOKENIZER_DEPENDENT = {"word_perplexity", "byte_perplexity", "token_perplexity", "loss"}
 
 
@@ -63,12 +63,13 @@ def check_comparable(reports: list[dict], names: list[str], force: bool = False)
 
 
 def compare(reports: list[dict], names: list[str], force: bool = False) -> tuple[list[dict], list[str]]:
-    """Rows {task, metric, values[], deltas[], noise[]} for every headline metric, and the protocol problems."""
+    """Rows {task, metric, values[], deltas[], noise[]} for every metric of every task, and the protocol problems."""
     problems = check_comparable(reports, names, force)
     rows = []
     tasks = list(dict.fromkeys(t for r in reports for t in r["results"]))
     for t in tasks:
-        for metric in HEADLINE:
+        metrics = list(dict.fromkeys(m for r in reports if t in r["results"] for m in metric_names(r["results"][t])))
+        for metric in metrics:
             vals = [r["results"].get(t, {}).get(metric) for r in reports]
             if all(v is None for v in vals) or not all(isinstance(v, (int, float)) or v is None for v in vals):
                 continue

@@ -1,8 +1,13 @@
-"""`align eval`: score one model on perplexity, MMLU-style multiple choice, preference pairs and win rate.
+"""`align eval`: score one model on perplexity, task specs (multiple choice, generation), preference pairs, win rate.
 
     align eval --model runs/tiny/sft/merged --tasks perplexity,mmlu --output runs/tiny/eval/sft.json \\
         --perplexity_files runs/tiny/data/corpus/heldout.jsonl --mmlu_dir runs/tiny/data/mmlu
     align eval --config recipes/mmlu/eval.yaml --model runs/base --num_fewshot 5
+    align eval --model Qwen/Qwen2.5-0.5B --tasks mmlu,arc_challenge,hellaswag,piqa,truthfulqa_mc2,winogrande,gsm8k \\
+        --mmlu_dir ~/data/mmlu --data_dir ~/data --output runs/eval/qwen.json
+
+A task is a spec (evals/tasks/<name>.yaml, or the path of a user's YAML; evals/taskspec.py documents the keys); its
+files are found under --data_dir or --task_data TASK=DIR (TASK.SPLIT=FILE for one split), else read from the hub.
 
 Writes FILE.json (the versioned report), FILE.md, FILE.png and, with --log_samples, FILE.samples.jsonl. In Python:
 
@@ -19,6 +24,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +32,9 @@ import torch
 from alignment.config import parse_config
 from alignment.errors import UserError, exit_on_user_error
 
-from .report import build_report, write_report
+from .report import build_report, metric_names, write_report
 
-TASKS = ("perplexity", "mmlu", "preference", "dpo", "winrate", "answers")
+SPECIAL_TASKS = ("perplexity", "preference", "dpo", "winrate", "answers")  # the rest are specs in evals/tasks/
 
 
 @dataclass
@@ -39,8 +45,10 @@ class EvalConfig:
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter directory applied to --model."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit with bitsandbytes."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 with bitsandbytes."})
-    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"],
-                             metadata={"help": f"Any of {', '.join(TASKS)} (comma-separated or repeated)."})
+    tasks: list[str] = field(default_factory=lambda: ["perplexity", "mmlu"], metadata={
+        "help": f"Any of {', '.join(SPECIAL_TASKS)}, a spec in evals/tasks/ (mmlu, arc_easy, arc_challenge, hellaswag, "
+                "piqa, truthfulqa_mc1, truthfulqa_mc2, winogrande, gsm8k, ...) or a task YAML file (comma-separated or "
+                "repeated)."})
     output: str = field(default="runs/tiny/eval/report.json", metadata={"help": "Report path (.json); .md and .png are written beside it."})
     # perplexity
     perplexity_files: list[str] = field(default_factory=list, metadata={"help": "Text files (.txt/.jsonl/.json/.parquet, globs) to score."})
@@ -50,13 +58,24 @@ class EvalConfig:
     text_column: str = field(default="text", metadata={"help": "Column holding the text (.jsonl/.parquet/datasets)."})
     txt_split: str = field(default="file", metadata={"help": ".txt documents: file, paragraph, line, or a separator line."})
     stride: int | None = field(default=None, metadata={"help": "Rolling-window stride in tokens (default: the context length, as lm-eval)."})
-    # multiple choice
+    # task specs
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Directory holding the tasks' downloaded files (each spec's data_files say which names it looks for)."})
+    task_data: list[str] = field(default_factory=list, metadata={
+        "help": "TASK=PATH (the task's directory, or the file of its scored split) or TASK.SPLIT=PATH (a file, "
+                "directory, glob or hub name)."})
+    fewshot_seed: int = field(default=1234, metadata={"help": "Seed of the few-shot sampler (lm-eval's default 1234)."})
+    max_gen_toks: int | None = field(default=None, metadata={
+        "help": "Generation tasks: tokens per answer (default: the spec's, lm-eval's 256)."})
     mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU directory with test/ and dev/ (<subject>_test.csv, <subject>_dev.csv)."})
     mmlu_test_files: list[str] = field(default_factory=list, metadata={"help": "Test files (.csv or cais/mmlu .jsonl/.parquet)."})
     mmlu_dev_files: list[str] = field(default_factory=list, metadata={"help": "Dev (few-shot) files."})
     subjects: list[str] = field(default_factory=list, metadata={"help": "Only these subjects (default: all found)."})
-    num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples: the first n rows of the dev split."})
-    scoring: str = field(default="letter", metadata={"help": "letter (' A'..' D' after 'Answer:') or cloze (answer texts; acc_norm)."})
+    num_fewshot: int | None = field(default=None, metadata={
+        "help": "Few-shot examples per question (default: each task's own; MMLU: the first n dev rows)."})
+    scoring: str = field(default="letter", metadata={
+        "help": "MMLU: letter (' A'..' D' after 'Answer:', lm-eval's mmlu) or cloze (answer texts, acc_norm: "
+                "mmlu_continuation)."})
     apply_chat_template: bool = field(default=False, metadata={"help": "Render prompts with the tokenizer's chat template (empty target delimiter)."})
     fewshot_as_multiturn: bool = field(default=True, metadata={"help": "With a chat template: shots as user/assistant turns (lm-eval's default)."})
     # preference and generation
@@ -90,13 +109,48 @@ def _split(items) -> list[str]:
 
 
 def _task_list(tasks) -> list[str]:
+    from .taskspec import builtin_tasks, is_spec_name
+
     names = _split(tasks)
     for t in names:
-        if t not in TASKS:
-            raise UserError(f"tasks: unknown task {t!r}; expected any of {', '.join(TASKS)}")
+        if t not in SPECIAL_TASKS and not is_spec_name(t):
+            known = ", ".join(SPECIAL_TASKS + tuple(builtin_tasks()))
+            raise UserError(f"tasks: unknown task {t!r}; expected any of {known} or a task YAML file")
     if not names:
-        raise UserError(f"tasks: expected at least one of {', '.join(TASKS)}")
+        raise UserError(f"tasks: expected at least one of {', '.join(SPECIAL_TASKS)} or a task spec")
     return names
+
+
+def load_spec_tasks(cfg: EvalConfig, names: list[str]) -> list:
+    """Every spec task's documents and shots (TaskData), read and checked before any model work."""
+    from .taskdata import load_task, parse_task_data
+    from .taskspec import load_spec
+
+    task_data = parse_task_data(_split(cfg.task_data))
+    out = []
+    for name in names:
+        if name in SPECIAL_TASKS:
+            continue
+        if name == "mmlu":
+            if cfg.scoring not in ("letter", "cloze"):
+                raise UserError(f"scoring: {cfg.scoring!r} is not one of letter, cloze")
+            spec = load_spec("mmlu" if cfg.scoring == "letter" else "mmlu_continuation")
+            spec.task = "mmlu"  # cloze keeps the name: reports and the pipeline read mmlu / mmlu_<subject>
+            mine = task_data.setdefault("mmlu", {})
+            if cfg.mmlu_dir:
+                if not Path(cfg.mmlu_dir, "test").is_dir():
+                    raise UserError(f"{cfg.mmlu_dir}: expected an MMLU directory with test/ (and dev/) subfolders")
+                mine.setdefault(None, cfg.mmlu_dir)
+            for split, files in (("test", cfg.mmlu_test_files), ("dev", cfg.mmlu_dev_files)):
+                if _split(files):
+                    mine[split] = _split(files)
+            if not mine and not cfg.data_dir:
+                raise UserError("mmlu: no task files; set mmlu_dir or mmlu_test_files")
+        else:
+            spec = load_spec(name)
+        subtasks = _split(cfg.subjects) if spec.subtasks else None
+        out += load_task(spec, cfg.data_dir, task_data, cfg.num_fewshot, cfg.limit, subtasks, cfg.fewshot_seed)
+    return out
 
 
 def evaluate(model: str, tasks=("perplexity",), **options) -> tuple[dict, list[dict]]:
@@ -127,10 +181,12 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
     for name in ("batch_size", "max_new_tokens", "num_samples", "answer_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}: {getattr(cfg, name)}; expected a positive integer")
-    if cfg.num_fewshot < 0 or cfg.temperature < 0 or (cfg.limit is not None and cfg.limit < 1):
-        raise UserError("num_fewshot, temperature, limit: expected num_fewshot >= 0, temperature >= 0 (0 = greedy) and limit >= 1")
+    if ((cfg.num_fewshot is not None and cfg.num_fewshot < 0) or cfg.temperature < 0
+            or (cfg.limit is not None and cfg.limit < 1) or (cfg.max_gen_toks is not None and cfg.max_gen_toks < 1)):
+        raise UserError("num_fewshot, temperature, limit, max_gen_toks: expected num_fewshot >= 0, temperature >= 0 "
+                        "(0 = greedy), limit >= 1 and max_gen_toks >= 1")
     # read and check every input before the (slow) model work, so bad input fails fast with nothing written
-    docs = mc = None
+    docs = None
     if "perplexity" in tasks:
         from alignment.data import iter_documents
 
@@ -141,10 +197,7 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         if not docs:
             raise UserError(f"{', '.join(cfg.perplexity_files) or cfg.perplexity_dataset}: no documents (empty text?)")
         docs = docs[:cfg.limit] if cfg.limit else docs
-    if "mmlu" in tasks:
-        from .multiple_choice import load_tasks
-
-        mc = load_tasks(cfg.mmlu_dir, _split(cfg.mmlu_test_files), _split(cfg.mmlu_dev_files), _split(cfg.subjects))
+    specs = load_spec_tasks(cfg, tasks)
     pairs = prompts = None
     if {"preference", "dpo"} & set(tasks):
         from .preference import read_pairs
@@ -190,11 +243,19 @@ def run(cfg: EvalConfig) -> tuple[dict, list[dict]]:
         r["source"] = cfg.perplexity_files or cfg.perplexity_dataset
         results["perplexity"] = r
         samples += s
-    if mc is not None:
+    mc = [t for t in specs if t.spec.output_type == "multiple_choice"]
+    if mc:
         from .multiple_choice import evaluate_mc
 
-        r, s = evaluate_mc(lm, mc, cfg.num_fewshot, cfg.scoring, cfg.apply_chat_template, cfg.batch_size, cfg.limit,
-                           cfg.progress, cfg.fewshot_as_multiturn)
+        r, s = evaluate_mc(lm, mc, cfg.apply_chat_template, cfg.fewshot_as_multiturn, cfg.batch_size, cfg.progress)
+        results.update(r)
+        samples += s
+    gen = [t for t in specs if t.spec.output_type == "generate_until"]
+    if gen:
+        from .generative import evaluate_generate_until
+
+        r, s = evaluate_generate_until(lm, gen, cfg.apply_chat_template, cfg.fewshot_as_multiturn, cfg.batch_size,
+                                       cfg.max_gen_toks, cfg.progress)
         results.update(r)
         samples += s
     if pairs is not None:
@@ -233,9 +294,7 @@ def main(cfg: EvalConfig) -> dict:
     report, samples = run(cfg)
     paths = write_report(report, cfg.output, samples if cfg.log_samples else None)
     for name, r in report["results"].items():
-        shown = ", ".join(f"{k} {r[k]:.4f}" for k in ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "margin", "win_rate", "kl",
-                                                       "answer_accuracy", "well_formed_rate")
-                          if isinstance(r.get(k), float))
+        shown = ", ".join(f"{k} {r[k]:.4f}" for k in metric_names(r) if isinstance(r.get(k), float))
         print(f"eval {name} (n={r.get('n')}, {r.get('num_fewshot')}-shot, {r.get('scoring')}): {shown}")
     print(f"eval: report -> {paths['json']} (+ .md, .png{', .samples.jsonl' if 'samples' in paths else ''}) "
           f"in {report['wall_time_s']:.1f}s", file=sys.stderr)

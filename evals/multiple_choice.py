@@ -1,189 +1,59 @@
-"""MMLU-style multiple choice: letter or cloze scoring, k-shot from the dev split, the protocol of lm-eval 0.4.13.
+"""Multiple choice: the log-likelihood of each choice after the prompt, for every `multiple_choice` task spec.
 
-    align eval --model runs/tiny/sft/merged --tasks mmlu --mmlu_dir ../shared/data/eval/mmlu --num_fewshot 5
+    align eval --model runs/base --tasks mmlu --mmlu_dir ../shared/data/eval/mmlu --num_fewshot 5
+    align eval --model runs/base --tasks arc_challenge,hellaswag,piqa,truthfulqa_mc2,winogrande --data_dir ~/evaldata
 
-A task is a data spec with a version (`MCTask`). The prompt for one question, letter scoring (lm-eval `mmlu`):
-
-    The following are multiple choice questions (with answers) about {subject}.\\n\\n
-    {dev question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: {letter}\\n\\n     (k times, the first k dev rows)
-    {question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:
-
-and the four continuations " A".." D". Cloze scoring (lm-eval `mmlu_continuation`) uses "Question: {question}\\nAnswer:"
-and the full answer texts as continuations; `acc_norm` divides each log-likelihood by the answer's characters.
-With a chat template (lm-eval `--apply_chat_template`) the header is a system message, shots and question one user
-message, the generation prompt follows, and the target delimiter is empty.
+One scorer for every spec in evals/tasks/ (and a user's YAML), following lm-eval 0.4.13: the prompt is the spec's
+description, shots and question (evals/taskspec.py); each choice is scored as the continuation
+`target_delimiter + choice` (or, for multiple-input tasks such as winogrande, each choice is a context and the shared
+target is the continuation). Metrics per document, averaged with the standard error of the mean:
+- `acc`: the most likely choice is the right one; `acc_norm`: the same after dividing by the choice's characters;
+  `acc_bytes`: by its UTF-8 bytes; `exact_match`: the right choice is the greedy continuation;
+- `acc_centered`: acc rescaled so chance (1 / number of choices) is 0 and perfect is 1;
+- with `process_results: {true_probability_mass: LABELS}` (truthfulqa_mc2), every metric is the normalised
+  probability mass on the choices whose label is 1.
+With a chat template (`--apply_chat_template`) the description is the system message, shots are user/assistant turns
+(`fewshot_as_multiturn`, lm-eval's default) or one user message, the generation prompt follows and the target
+delimiter is empty. A spec with `subtasks` (MMLU's subjects) reports each subtask and, with more than one, the group:
+every metric over all items (micro) plus `acc_macro`, the mean of the subtasks' accuracies.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import math
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from alignment.data import fingerprint
 from alignment.errors import UserError
+from alignment.stats import mean_stderr
 from alignment.tokens import encode_chat, encode_text
 
 from .scoring import ScoringModel, encode_pair, loglikelihoods
-
-LETTERS = ("A", "B", "C", "D")
-MC_VERSION = "1.0"  # bump when the prompt, choices or metric computation change
-HEADERS = {
-    "letter": "The following are multiple choice questions (with answers) about {subject}.\n\n",
-    "cloze": "The following are questions (with answers) about {subject}.\n\n",
-}
+from .taskdata import TaskData, public
+from .taskspec import chat_messages, plain_text
 
 
-@dataclass
-class MCTask:
-    """One multiple-choice subject: where its rows come from and how they become prompts."""
-
-    subject: str
-    test: list[dict]
-    dev: list[dict] = field(default_factory=list)
-    source: str = ""
-    version: str = MC_VERSION
-
-    @property
-    def name(self) -> str:
-        return f"mmlu_{self.subject}"
+def special_prefix(tok) -> list[int]:
+    """The ids a tokenizer puts before text by default (a BOS for Llama-style tokenizers, nothing for ours): lm-eval
+    encodes prompts with the tokenizer's defaults, so a prompt starts with them."""
+    with_special = tok.encode("a", add_special_tokens=True)
+    plain = tok.encode("a", add_special_tokens=False)
+    n = len(with_special) - len(plain)
+    return with_special[:n] if n > 0 and with_special[n:] == plain else []
 
 
-def _answer_index(value, where: str) -> int:
-    s = str(value).strip()
-    if s in LETTERS:
-        return LETTERS.index(s)
-    if s in ("0", "1", "2", "3"):
-        return int(s)
-    raise UserError(f"{where}: answer {s!r} is not one of A-D or 0-3")
-
-
-def _row(question, choices, answer, where: str) -> dict:
-    if not isinstance(question, str) or not question.strip():
-        raise UserError(f"{where}: expected a non-empty question")
-    if not isinstance(choices, (list, tuple)) or len(choices) != 4:
-        n = len(choices) if isinstance(choices, (list, tuple)) else type(choices).__name__
-        raise UserError(f"{where}: expected 4 choices, got {n}")
-    return {"question": question, "choices": [str(c) for c in choices], "answer": _answer_index(answer, where)}
-
-
-def read_mc_rows(path: str | Path) -> list[dict]:
-    """Rows {question, choices, answer(0-3), subject?} of an MMLU file, read by the suite's one reader
-    (alignment.data): original CSV (no header, letter answers), CSV with header `question,choice0..choice3,answer`,
-    or JSONL/parquet in the cais/mmlu layout."""
-    from alignment.data import read_file_rows, read_text
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: task file not found")
-    if p.suffix not in (".csv", ".jsonl", ".parquet"):
-        raise UserError(f"{p}: unsupported task file type; expected .csv, .jsonl or .parquet")
-    rows: list[dict] = []
-    if p.suffix == ".csv":
-        first = next(csv.reader(io.StringIO(read_text(p))), [])
-        header = [c.strip().lower() for c in first[:1]] == ["question"]
-        width = len(first)
-        if width < 3:
-            raise UserError(f"{p}:1: expected question, 4 choices and answer, got {width} fields")
-        names = None if header else ["question"] + [f"choice{i}" for i in range(width - 2)] + ["answer"]
-        for r in read_file_rows(p, fieldnames=names):
-            cells = list(r.data.values())
-            rows.append(_row(cells[0], cells[1:-1], cells[-1], r.where))
-    else:
-        for r in read_file_rows(p):
-            rec = r.data
-            if not isinstance(rec, dict) or not {"question", "choices", "answer"} <= set(rec):
-                raise UserError(f"{r.where}: expected fields question, choices, answer (cais/mmlu layout)")
-            row = _row(rec["question"], rec["choices"], rec["answer"], r.where)
-            if rec.get("subject"):
-                row["subject"] = str(rec["subject"])
-            rows.append(row)
-    if not rows:
-        raise UserError(f"{p}: no questions in the file")
-    return rows
-
-
-def _subject_of(path: Path, split: str) -> str:
-    return re.sub(rf"_{split}$", "", path.stem)
-
-
-def load_tasks(mmlu_dir: str | None = None, test_files: list[str] | None = None, dev_files: list[str] | None = None,
-               subjects: list[str] | None = None) -> list[MCTask]:
-    """Build one MCTask per subject from an MMLU directory (dev/ and test/) or explicit test/dev files."""
-    tests: list[Path] = [Path(f) for f in (test_files or [])]
-    devs: list[Path] = [Path(f) for f in (dev_files or [])]
-    if mmlu_dir:
-        d = Path(mmlu_dir)
-        if not (d / "test").is_dir():
-            raise UserError(f"{d}: expected an MMLU directory with test/ (and dev/) subfolders")
-        tests += sorted(p for p in (d / "test").iterdir() if p.suffix in (".csv", ".jsonl", ".parquet"))
-        if (d / "dev").is_dir():
-            devs += sorted(p for p in (d / "dev").iterdir() if p.suffix in (".csv", ".jsonl", ".parquet"))
-    if not tests:
-        raise UserError("mmlu: no task files; set mmlu_dir or mmlu_test_files")
-    by_subject: dict[str, MCTask] = {}
-    dev_rows: dict[str, list[dict]] = {}
-    for path in devs:
-        for r in read_mc_rows(path):
-            dev_rows.setdefault(r.get("subject") or _subject_of(path, "dev"), []).append(r)
-    for path in tests:
-        for r in read_mc_rows(path):
-            subj = r.get("subject") or _subject_of(path, "test")
-            task = by_subject.setdefault(subj, MCTask(subject=subj, test=[], source=str(path)))
-            task.test.append(r)
-    for subj, task in by_subject.items():
-        task.dev = dev_rows.get(subj, [])
-    if subjects:
-        missing = [s for s in subjects if s not in by_subject]
-        if missing:
-            raise UserError(f"mmlu: subject(s) {', '.join(missing)} not found; available: {', '.join(sorted(by_subject))}")
-        by_subject = {s: by_subject[s] for s in subjects}
-    return [by_subject[s] for s in sorted(by_subject)]
-
-
-def doc_to_text(row: dict, scoring: str) -> str:
-    """The question part of a prompt (lm-eval's doc_to_text for mmlu / mmlu_continuation)."""
-    q = row["question"].strip()
-    if scoring == "letter":
-        return q + "".join(f"\n{L}. {c}" for L, c in zip(LETTERS, row["choices"])) + "\nAnswer:"
-    return f"Question: {q}\nAnswer:"
-
-
-def choices_of(row: dict, scoring: str) -> list[str]:
-    """The continuations that are scored (without the target delimiter)."""
-    return list(LETTERS) if scoring == "letter" else list(row["choices"])
-
-
-def build_context(task: MCTask, row: dict, num_fewshot: int, scoring: str, tokenizer=None, chat: bool = False,
-                  multiturn: bool = True):
-    """The context of one question: a string (plain) or, with a chat template, the rendered token ids.
-
-    With a chat template the header is the system message; shots are user/assistant turns (`multiturn`, lm-eval's
-    default with --apply_chat_template) or are folded into the one user message."""
-    if num_fewshot > len(task.dev):
-        raise UserError(f"mmlu_{task.subject}: num_fewshot={num_fewshot} but the dev split has {len(task.dev)} rows")
-    header = HEADERS[scoring].format(subject=task.subject.replace("_", " "))
-    shots = [(doc_to_text(r, scoring), choices_of(r, scoring)[r["answer"]]) for r in task.dev[:num_fewshot]]
-    question = doc_to_text(row, scoring)
+def context_ids(tok, turns, chat: bool, multiturn: bool, prefix: list[int]) -> list[int] | str:
+    """A prompt as lm-eval feeds it: plain text (encoded by the caller, with its continuation) or the chat template's
+    ids with the generation prompt (data text special-token safe)."""
     if not chat:
-        return header + "".join(f"{q} {a}\n\n" for q, a in shots) + question
-    messages = [{"role": "system", "content": header}]
-    if multiturn:
-        for q, a in shots:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": question})
-    else:
-        messages.append({"role": "user", "content": "".join(f"{q} {a}\n\n" for q, a in shots) + question})
-    return encode_chat(tokenizer, messages, add_generation_prompt=True)["input_ids"]
+        return plain_text(turns)
+    ids = encode_chat(tok, chat_messages(turns, multiturn), add_generation_prompt=True)["input_ids"]
+    return ids if not prefix or ids[:len(prefix)] == prefix else prefix + ids
 
 
-def _split_trailing_space(tok, ids: list[int]) -> tuple[list[int], str]:
+def split_trailing_space(tok, ids: list[int]) -> tuple[list[int], str]:
     """Move the context's trailing whitespace tokens (the template's "\\n" after "assistant") to the continuation,
     as lm-eval's _encode_pair does with the rendered string; token level, so data text stays special-token safe."""
     ids = list(ids)
@@ -194,74 +64,134 @@ def _split_trailing_space(tok, ids: list[int]) -> tuple[list[int], str]:
     return ids, space
 
 
-def _mean_stderr(x: np.ndarray) -> float:
-    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+def _request(tok, ctx, cont: str, prefix: list[int], enc) -> tuple[list[int], list[int]]:
+    if isinstance(ctx, list):  # chat ids
+        ctx_ids, space = split_trailing_space(tok, ctx)
+        return ctx_ids, encode_text(tok, space + cont)
+    if ctx == "":  # lm-eval conditions an empty context on the prefix token (bos, else eos)
+        first = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return [first], enc(cont)
+    c, k = encode_pair(tok, ctx, cont, enc)
+    return prefix + c, k
 
 
-def evaluate_mc(lm: ScoringModel, tasks: list[MCTask], num_fewshot: int = 0, scoring: str = "letter",
-                apply_chat_template: bool = False, batch_size: int = 16, limit: int | None = None,
-                progress: bool = True, fewshot_as_multiturn: bool = True) -> tuple[dict, list[dict]]:
-    """Score every task; returns (results by task name + aggregate 'mmlu', per-item sample records)."""
-    if scoring not in HEADERS:
-        raise UserError(f"scoring: {scoring!r} is not one of letter, cloze")
+def evaluate_mc(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bool = False,
+                fewshot_as_multiturn: bool = True, batch_size: int = 16,
+                progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score every document of every task in one batched pass; returns (results by task name, per-document samples)."""
     tok = lm.tokenizer
-    # data text never becomes a control id; memoized because the four choices of a question share a context
-    enc_cached = functools.lru_cache(maxsize=4096)(lambda s: tuple(encode_text(tok, s)))
-    enc = lambda s: list(enc_cached(s))  # noqa: E731
-    requests, owners = [], []  # owners[i] = (task index, row index, choice index)
-    for ti, task in enumerate(tasks):
-        for ri, row in enumerate(task.test[:limit] if limit else task.test):
-            ctx = build_context(task, row, num_fewshot, scoring, tok, apply_chat_template, fewshot_as_multiturn)
-            for ci, choice in enumerate(choices_of(row, scoring)):
-                if apply_chat_template:  # lm-eval: empty target delimiter after the generation prompt
-                    ctx_ids, space = _split_trailing_space(tok, ctx)
-                    requests.append((ctx_ids, encode_text(tok, space + choice)))
-                else:
-                    requests.append(encode_pair(tok, ctx, " " + choice, enc))
-                owners.append((ti, ri, ci))
-    scores = loglikelihoods(lm, requests, batch_size=batch_size, desc=f"mmlu {scoring} {num_fewshot}-shot", progress=progress)
-    lls: dict[tuple[int, int], list[float]] = {}
-    for (ti, ri, ci), (ll, _, _) in zip(owners, scores):
-        lls.setdefault((ti, ri), []).append(ll)
+    prefix = special_prefix(tok)
+    enc_cached = functools.lru_cache(maxsize=8192)(lambda s: tuple(encode_text(tok, s)))
+    enc = lambda s: list(enc_cached(s))  # noqa: E731 - the choices of one question share a context
+    requests, owners, items = [], [], []  # owners[j] = item index; items[i] = (task index, doc index, choices, gold)
+    for ti, t in enumerate(tasks):
+        spec = t.spec
+        delim = "" if apply_chat_template else spec.target_delimiter  # lm-eval: no delimiter after a chat template
+        for di, (doc, shots) in enumerate(zip(t.docs, t.shots)):
+            choices = spec.choices(doc)
+            gold = spec.gold(doc, choices)
+            ctxs = [context_ids(tok, turns, apply_chat_template, fewshot_as_multiturn, prefix)
+                    for turns in spec.turns(doc, shots)]
+            if spec.multiple_input(doc):
+                target = str(spec.target(doc))
+                pairs = [(ctx, delim + target) for ctx in ctxs]
+            else:
+                pairs = [(ctxs[0], delim + c) for c in choices]
+            for ctx, cont in pairs:
+                requests.append(_request(tok, ctx, cont, prefix, enc))
+                owners.append(len(items))
+            items.append((ti, di, choices, gold))
+    names = ", ".join(dict.fromkeys(t.group or t.name for t in tasks))
+    desc = f"{names} ({len(items)} items)"
+    scores = loglikelihoods(lm, requests, batch_size=batch_size, desc=desc, progress=progress)
+    per_item: list[list] = [[] for _ in items]
+    for j, (ll, greedy, _) in zip(owners, scores):
+        per_item[j].append((ll, greedy))
     results, samples = {}, []
-    all_acc, all_norm = [], []
-    for ti, task in enumerate(tasks):
-        acc, acc_norm = [], []
-        rows = task.test[:limit] if limit else task.test
-        for ri, row in enumerate(rows):
-            ll = np.array(lls[(ti, ri)])
-            choices = choices_of(row, scoring)
-            pred = int(np.argmax(ll))
-            pred_norm = int(np.argmax(ll / np.array([float(len(c)) for c in choices])))
-            acc.append(float(pred == row["answer"]))
-            acc_norm.append(float(pred_norm == row["answer"]))
-            samples.append({"task": task.name, "doc_id": ri, "target": row["answer"], "loglikelihoods": ll.tolist(),
-                            "pred": pred, "pred_norm": pred_norm, "acc": acc[-1], "acc_norm": acc_norm[-1]})
-        a, an = np.array(acc), np.array(acc_norm)
-        results[task.name] = _mc_metrics(a, an, scoring)
-        results[task.name].update(task=task.name, version=task.version, n=len(rows), num_fewshot=num_fewshot,
-                                  data_hash=fingerprint(rows + task.dev[:num_fewshot]),
-                                  scoring=scoring, apply_chat_template=apply_chat_template, source=task.source,
-                                  fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn)
-        all_acc.append(a)
-        all_norm.append(an)
-    if len(tasks) > 1:
-        micro = _mc_metrics(np.concatenate(all_acc), np.concatenate(all_norm), scoring)
-        macro = [float(a.mean()) for a in all_acc]
-        # macro stderr: the subject means are independent, so Var(mean of means) = sum(se^2) / k^2
-        macro_se = math.sqrt(sum(_mean_stderr(a) ** 2 for a in all_acc)) / len(all_acc)
-        micro.update(task="mmlu", version=MC_VERSION, n=int(sum(len(a) for a in all_acc)), num_fewshot=num_fewshot,
-                     data_hash=fingerprint([results[t.name]["data_hash"] for t in tasks]),
-                     scoring=scoring, apply_chat_template=apply_chat_template, subjects=[t.subject for t in tasks],
-                     acc_macro=float(np.mean(macro)), acc_macro_stderr=macro_se)
-        results["mmlu"] = micro
-    return results, samples
+    values_by_task: dict[int, dict[str, list[float]]] = {}
+    for (ti, di, choices, gold), scored in zip(items, per_item):
+        spec, doc = tasks[ti].spec, tasks[ti].docs[di]
+        lls = np.array([ll for ll, _ in scored])
+        pred = int(np.argmax(lls))
+        pred_norm = int(np.argmax(lls / np.array([float(len(c)) for c in choices])))
+        pred_bytes = int(np.argmax(lls / np.array([float(len(c.encode("utf-8"))) for c in choices])))
+        if spec.process_results:
+            mass = _true_mass(spec, doc, lls)
+            vals = {m["metric"]: mass for m in spec.metric_list}
+        else:
+            every = {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
+                     "acc_bytes": float(pred_bytes == gold), "exact_match": float(scored[gold][1])}
+            vals = {m["metric"]: every[m["metric"]] for m in spec.metric_list}
+            vals["_chance"] = 1.0 / len(choices)
+        store = values_by_task.setdefault(ti, {})
+        for k, v in vals.items():
+            store.setdefault(k, []).append(v)
+        samples.append({"task": tasks[ti].name, "doc_id": di, "target": gold, "loglikelihoods": lls.tolist(),
+                        "pred": pred, "pred_norm": pred_norm,
+                        **{k: v for k, v in vals.items() if not k.startswith("_")}})
+    groups: dict[str, list[int]] = {}
+    for ti, t in enumerate(tasks):
+        vals = values_by_task.get(ti, {})
+        if not t.docs:
+            raise UserError(f"{t.name}: no documents to score")
+        results[t.name] = _summary(vals)
+        shots = list({id(s): public(s) for ss in t.shots for s in ss}.values())
+        results[t.name].update(task=t.name, version=t.spec.version, n=len(t.docs), num_fewshot=t.num_fewshot,
+                               data_hash=fingerprint([public(d) for d in t.docs] + shots), scoring=t.spec.scoring,
+                               apply_chat_template=apply_chat_template, source=t.source,
+                               fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn)
+        if t.group:
+            groups.setdefault(t.group, []).append(ti)
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        merged: dict[str, list[float]] = {}
+        for ti in members:
+            for k, v in values_by_task[ti].items():
+                merged.setdefault(k, []).extend(v)
+        agg = _summary(merged)
+        if "acc" in merged:
+            accs = [np.mean(values_by_task[ti]["acc"]) for ti in members]
+            # macro stderr: the subtask means are independent, so Var(mean of means) = sum(se^2) / k^2
+            ses = [mean_stderr(values_by_task[ti]["acc"])[1] for ti in members]
+            agg.update(acc_macro=float(np.mean(accs)),
+                       acc_macro_stderr=math.sqrt(sum(s ** 2 for s in ses)) / len(members))
+        first = tasks[members[0]]
+        agg.update(task=group, version=first.spec.version, n=sum(len(tasks[ti].docs) for ti in members),
+                   num_fewshot=first.num_fewshot, scoring=first.spec.scoring, apply_chat_template=apply_chat_template,
+                   data_hash=fingerprint([results[tasks[ti].name]["data_hash"] for ti in members]),
+                   subtasks=[tasks[ti].name for ti in members])
+        results[group] = agg
+    # each group right after its last subtask, so a report reads mmlu_<subject>..., mmlu, arc_easy, ...
+    last = {tasks[m[-1]].name: g for g, m in groups.items() if g in results}
+    ordered = {}
+    for name, r in results.items():
+        if name not in groups:
+            ordered[name] = r
+            if name in last:
+                ordered[last[name]] = results[last[name]]
+    return ordered, samples
 
 
-def _mc_metrics(acc: np.ndarray, acc_norm: np.ndarray, scoring: str) -> dict:
-    out = {"acc": float(acc.mean()), "acc_stderr": _mean_stderr(acc),
-           # chance-centred: 0 at random guessing (1/4), 1 at perfect
-           "acc_centered": float((acc.mean() - 0.25) / 0.75)}
-    if scoring == "cloze":
-        out.update(acc_norm=float(acc_norm.mean()), acc_norm_stderr=_mean_stderr(acc_norm))
+def _summary(values: dict[str, list[float]]) -> dict:
+    """Each metric's mean and standard error; acc_centered from acc and the chance level of each document."""
+    out = {}
+    for k, v in values.items():
+        if k.startswith("_"):
+            continue
+        out[k], out[f"{k}_stderr"] = mean_stderr(v)
+    if "acc" in values and "_chance" in values:
+        chance = float(np.mean(values["_chance"]))
+        out["acc_centered"] = float((out["acc"] - chance) / (1 - chance)) if chance < 1 else float("nan")
     return out
+
+
+def _true_mass(spec, doc: dict, lls: np.ndarray) -> float:
+    """truthfulqa_mc2 (lm-eval's process_results_mc2): the normalised probability of the choices labelled 1."""
+    expr = spec.process_results["true_probability_mass"]
+    labels = spec.evaluate(expr, doc, "process_results.true_probability_mass", doc.get("_where", "document"))
+    if not isinstance(labels, (list, tuple)) or len(labels) != len(lls):
+        raise spec.error(doc, f"true_probability_mass labels {labels!r}; expected one 0/1 per choice ({len(lls)})")
+    probs = np.exp(lls)
+    probs = probs / probs.sum()
+    return float(probs[np.array(labels) == 1].sum())

@@ -18,10 +18,16 @@ from alignment.errors import UserError
 from alignment.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
-# metrics shown in tables, in this order; lower is better for the perplexity family
-HEADLINE = ("acc", "acc_norm", "acc_macro", "acc_centered", "bits_per_byte", "word_perplexity", "byte_perplexity",
-            "token_perplexity", "margin", "win_rate", "kl")
 LOWER_IS_BETTER = {"bits_per_byte", "word_perplexity", "byte_perplexity", "token_perplexity", "loss", "kl"}
+# numbers in a task's result that describe the run or the data, not the model: never shown or compared as metrics
+NOT_METRICS = {"n", "num_fewshot", "num_samples", "stride", "max_length", "max_new_tokens", "temperature", "seed",
+               "tokens", "words", "bytes", "reward_policy", "reward_reference"}
+
+
+def metric_names(result: dict) -> list[str]:
+    """A task result's metrics, in the order written: its numbers that are not standard errors or run settings."""
+    return [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith("_stderr") and k not in NOT_METRICS]
 
 
 def git_commit() -> str | None:
@@ -92,8 +98,8 @@ def to_markdown(rep: dict) -> str:
              f"seed {rep.get('seed')}, wall time {rep.get('wall_time_s')} s", "",
              "| task | version | n | shots | scoring | metric | value | stderr |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rep["results"].items():
-        for metric in HEADLINE:
-            if metric in r:
+        for metric in metric_names(r):
+            if r.get(metric) is not None:
                 lines.append(f"| {name} | {r.get('version')} | {r.get('n')} | {r.get('num_fewshot')} | {r.get('scoring')} | "
                              f"{metric} | {fmt(r[metric], metric)} | {fmt(r.get(metric + '_stderr'))} |")
     return "\n".join(lines) + "\n"

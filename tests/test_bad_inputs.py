@@ -339,6 +339,20 @@ CASES = [
     ("eval-adapter", "eval", lambda c, i, o: _ev(c, i, "--adapter", str(_dir(c, "adapter"))), "no adapter_config.json"),
     ("eval-bad-jsonl", "eval", lambda c, i, o: _ev(c, i, "--tasks", "perplexity", "--perplexity_files", write(c, "x.jsonl", "{bad\n")),
      "x.jsonl:1: not valid JSON"),
+    ("eval-task-layout", "eval", lambda c, i, o: _ev(c, i, "--tasks", "arc_easy", "--task_data", "arc_easy=" + write(c, "arc.jsonl", [{"q": "Why?", "a": 1}])),
+     "arc.jsonl:1: arc_easy: fields found: a, q; expected one of the layouts: hub allenai/ai2_arc (question, choices.text"),
+    ("eval-task-label", "eval", lambda c, i, o: _ev(c, i, "--tasks", "arc_easy", "--task_data", "arc_easy=" + write(c, "arc.jsonl", [_arc("E")])),
+     "arc.jsonl:1: arc_easy doc_to_target: 'E' is not one of A, B, C, D"),
+    ("eval-task-no-choices", "eval", lambda c, i, o: _ev(c, i, "--tasks", "arc_easy", "--task_data", "arc_easy=" + write(c, "arc.jsonl", [_arc("A", [])])),
+     "arc.jsonl:1: arc_easy: no choices ([]); expected a non-empty list of strings"),
+    ("eval-task-yaml-key", "eval", lambda c, i, o: _ev(c, i, "--tasks", write(c, "t.yaml", _TASK_YAML.replace("doc_to_text", "doc_to_txt"))),
+     "t.yaml: unknown key 'doc_to_txt'; did you mean 'doc_to_text'?"),
+    ("eval-task-yaml-missing", "eval", lambda c, i, o: _ev(c, i, "--tasks", write(c, "t.yaml", _TASK_YAML.replace("doc_to_target: gold\n", ""))),
+     "t.yaml: missing doc_to_target"),
+    ("eval-task-fewshot", "eval", lambda c, i, o: _ev(c, i, "--tasks", "arc_easy", "--num_fewshot", "5", "--task_data",
+                                                      f"arc_easy.test={write(c, 'test.jsonl', [_arc('A')])},arc_easy.train={write(c, 'train.jsonl', [_arc('B')] * 2)}"),
+     "arc_easy: num_fewshot=5 but the few-shot split 'train' has 2 documents; expected at most 2 shots"),
+    ("eval-task-unknown", "eval", lambda c, i, o: _ev(c, i, "--tasks", "arc_hard"), "tasks: unknown task 'arc_hard'; expected any of perplexity"),
     # -- compare
     ("cmp-one-report", "compare", lambda c, i, o: [str(i["d"] / "reports" / "a.json")], "expected at least two report files"),
     ("cmp-malformed", "compare", lambda c, i, o: [str(i["d"] / "reports" / "a.json"), write(c, "b.json", "{oops"), "--output", str(c / "x.md")],
@@ -465,6 +479,16 @@ def _pairs(case, i, out, *extra):
     for k, v in zip(extra[::2], extra[1::2]):
         args[k] = v
     return [x for kv in args.items() for x in kv]
+
+
+def _arc(key, texts=("x", "y", "z", "w")):
+    """One ARC question in the hub layout, answer `key`, labels A.. for the given choice texts."""
+    return {"id": "q", "question": "Why?", "choices": {"text": list(texts), "label": list("ABCDE"[:len(texts)])}, "answerKey": key}
+
+
+# a user's task spec that works (cases break one key of it)
+_TASK_YAML = ("task: mine\nversion: 1\noutput_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+              "doc_to_choice: options\ndoc_to_target: gold\nmetric_list: [{metric: acc}]\n")
 
 
 def _ev(case, i, *extra):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from _evals_utils import write_mmlu_subset
 
-from evals.multiple_choice import evaluate_mc, load_tasks
+from evals.multiple_choice import evaluate_mc
 from evals.perplexity import evaluate_perplexity, rolling_windows
 from evals.scoring import loglikelihoods, scoring_model
+from evals.tasks.lm_eval_tasks import mmlu_tasks
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,11 @@ def test_stride_scores_same_tokens_with_more_context(lm):
 
 
 def test_batch_size_1_and_16_identical(lm, tmp_path):
-    tasks = load_tasks(str(write_mmlu_subset(tmp_path, n_test=6)))
+    mmlu_dir = write_mmlu_subset(tmp_path, n_test=6)
     for scoring, shots in (("letter", 5), ("cloze", 0)):
-        r1, s1 = evaluate_mc(lm, tasks, shots, scoring, batch_size=1, progress=False)
-        r16, s16 = evaluate_mc(lm, tasks, shots, scoring, batch_size=16, progress=False)
+        tasks = mmlu_tasks(mmlu_dir, scoring, shots)
+        r1, s1 = evaluate_mc(lm, tasks, batch_size=1, progress=False)
+        r16, s16 = evaluate_mc(lm, tasks, batch_size=16, progress=False)
         for a, b in zip(s1, s16):
             assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-5, abs=1e-5)
             assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])

@@ -100,7 +100,7 @@ def test_bad_input_one_line_exit_2(tiny_model_dir, tiny_tokenizer_dir, mmlu_dir,
     base = ["--model", str(tiny_model_dir), "--output", str(out), "--progress", "false"]
     bad = tmp_path / "bad_test.csv"
     bad.write_text("question,choice0,choice1,choice2,answer\nWhat?,a,b,c,0\n")
-    assert "bad_test.csv:2: expected 4 choices, got 3" in _error(capsys, harness.cli, base + ["--tasks", "mmlu", "--mmlu_test_files", str(bad)])
+    assert "bad_test.csv:2: mmlu: fields found: answer, choice0, choice1, choice2, question; expected one of the layouts" in _error(capsys, harness.cli, base + ["--tasks", "mmlu", "--mmlu_test_files", str(bad)])
     bad.write_text("What?,a,b,c,d,E\n")  # original MMLU layout: no header, letter answers
     assert "bad_test.csv:1: answer 'E'" in _error(capsys, harness.cli, base + ["--tasks", "mmlu", "--mmlu_test_files", str(bad)])
     empty = tmp_path / "empty.txt"
@@ -118,15 +118,20 @@ def test_bad_input_one_line_exit_2(tiny_model_dir, tiny_tokenizer_dir, mmlu_dir,
 
 
 def test_input_formats_agree(tmp_path):
-    """Original MMLU CSV, header CSV with index answers and cais/mmlu JSONL give the same rows."""
-    from evals.multiple_choice import load_tasks
+    """Original MMLU CSV, header CSV with index answers and cais/mmlu JSONL give the same documents."""
+    from evals.taskdata import load_task
+    from evals.taskspec import load_spec
 
-    (tmp_path / "orig_test.csv").write_text('"What is 1+1?",1,2,3,4,B\n"Pick x",x,y,z,w,A\n')
-    (tmp_path / "hdr_test.csv").write_text('question,choice0,choice1,choice2,choice3,answer\n"What is 1+1?",1,2,3,4,1\n"Pick x",x,y,z,w,0\n')
-    (tmp_path / "cais.jsonl").write_text(json.dumps({"question": "What is 1+1?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 1})
-                                         + "\n" + json.dumps({"question": "Pick x", "subject": "math", "choices": list("xyzw"), "answer": 0}) + "\n")
-    a = load_tasks(test_files=[str(tmp_path / "orig_test.csv")])[0].test
-    b = load_tasks(test_files=[str(tmp_path / "hdr_test.csv")])[0].test
-    c = load_tasks(test_files=[str(tmp_path / "cais.jsonl")])[0].test
-    assert a == b == [{k: v for k, v in r.items() if k != "subject"} for r in c]
-    assert a[0] == {"question": "What is 1+1?", "choices": ["1", "2", "3", "4"], "answer": 1}
+    for d in ("orig", "hdr", "cais"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "orig" / "math_test.csv").write_text('"What is 1+1?",1,2,3,4,B\n"Pick x",x,y,z,w,A\n')
+    (tmp_path / "hdr" / "math_test.csv").write_text('question,choice0,choice1,choice2,choice3,answer\n"What is 1+1?",1,2,3,4,1\n"Pick x",x,y,z,w,0\n')
+    (tmp_path / "cais" / "all.jsonl").write_text(json.dumps({"question": "What is 1+1?", "subject": "math", "choices": ["1", "2", "3", "4"], "answer": 1})
+                                                 + "\n" + json.dumps({"question": "Pick x", "subject": "math", "choices": list("xyzw"), "answer": 0}) + "\n")
+    spec = load_spec("mmlu")
+    docs = [load_task(spec, task_data={"mmlu": {"test": [str(f)]}})[0].docs
+            for f in (tmp_path / "orig" / "math_test.csv", tmp_path / "hdr" / "math_test.csv", tmp_path / "cais" / "all.jsonl")]
+    keep = ("question", "choices", "answer", "subject")
+    a, b, c = ([{k: d[k] for k in keep} for d in ds] for ds in docs)
+    assert a == b == c
+    assert a[0] == {"question": "What is 1+1?", "choices": ["1", "2", "3", "4"], "answer": 1, "subject": "math"}

@@ -7,10 +7,10 @@ import math
 import pytest
 from _evals_utils import run_lm_eval, write_mmlu_subset
 
-from evals.multiple_choice import evaluate_mc, load_tasks
+from evals.multiple_choice import evaluate_mc
 from evals.perplexity import evaluate_perplexity
 from evals.scoring import scoring_model
-from evals.tasks.lm_eval_tasks import write_mc_tasks, write_perplexity_task
+from evals.tasks.lm_eval_tasks import mmlu_tasks, write_mc_tasks, write_perplexity_task
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_perplexity_equals_lm_eval_rolling(lm, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("scoring,shots,chat", [("letter", 0, False), ("letter", 5, False), ("cloze", 0, False),
                                                 ("cloze", 5, False), ("letter", 2, True)])
 def test_mmlu_items_equal_lm_eval(lm, tiny_model_dir, mmlu_dir, tmp_path, scoring, shots, chat):
-    tasks = load_tasks(str(mmlu_dir))
-    ours, samples = evaluate_mc(lm, tasks, shots, scoring, chat, batch_size=8, progress=False)
+    tasks = mmlu_tasks(mmlu_dir, scoring, shots)
+    ours, samples = evaluate_mc(lm, tasks, chat, batch_size=8, progress=False)
     names = write_mc_tasks(tasks, tmp_path, scoring)
     res = run_lm_eval(tiny_model_dir, tmp_path, names, num_fewshot=shots, apply_chat_template=chat)
     for task, name in zip(tasks, names):
@@ -80,12 +80,12 @@ def test_mmlu_shared_fewshot_prefix_equals_lm_eval(long_model_dir, mmlu_dir, tmp
     from evals.scoring import prefix_groups
 
     lm = scoring_model(str(long_model_dir))
-    tasks = load_tasks(str(mmlu_dir))
-    ours, samples = evaluate_mc(lm, tasks, 5, "letter", batch_size=4, progress=False)
+    tasks = mmlu_tasks(mmlu_dir, "letter", 5)
+    ours, samples = evaluate_mc(lm, tasks, batch_size=4, progress=False)
     # the fast path is really taken: one prefix group per subject
-    from evals.multiple_choice import build_context
+    from evals.taskspec import plain_text
 
-    ctxs = [tuple(lm.tokenizer.encode(build_context(t, r, 5, "letter"))) for t in tasks for r in t.test]
+    ctxs = [tuple(lm.tokenizer.encode(plain_text(t.spec.turns(d, s)[0]))) for t in tasks for d, s in zip(t.docs, t.shots)]
     assert sorted(len(m) for p, m in prefix_groups(ctxs) if p) == [6, 6]
     names = write_mc_tasks(tasks, tmp_path, "letter")
     res = run_lm_eval(long_model_dir, tmp_path, names, num_fewshot=5)
