@@ -6,11 +6,16 @@ methods the DPO trainer overrides, the KV-cache layout, the chat-template render
 
 from __future__ import annotations
 
-from trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, ModelConfig, RewardConfig, RewardTrainer,  # noqa: F401
-                 RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer, TrlParser)
-from trl.trainer.utils import get_peft_config, get_quantization_config  # noqa: F401
+import importlib
 
-from transformers.trainer_utils import get_last_checkpoint  # noqa: F401
+# TRL's names, imported on first use (module __getattr__ below): importing every trainer costs seconds, and most
+# commands need one or two of them
+_LAZY = {
+    **{n: "trl" for n in ("DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "ModelConfig", "RewardConfig", "RewardTrainer",
+                          "RLOOConfig", "RLOOTrainer", "SFTConfig", "SFTTrainer", "TrlParser")},
+    "get_peft_config": "trl.trainer.utils", "get_quantization_config": "trl.trainer.utils",
+    "get_last_checkpoint": "transformers.trainer_utils",
+}
 
 # DPO loss types TRL 1.16 implements (DPOConfig.loss_type); checked up front so a typo is a config error, not a
 # stack trace in the middle of training.
@@ -49,66 +54,97 @@ def make_cache(layers: list[tuple]):
     return DynamicCache(layers)
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer for rows we already tokenized (special-token safe), with reference log-probs from a disk cache.
-
-    Two overrides of TRL 1.16 private methods: `_prepare_dataset` keeps our token ids (TRL would re-render text with
-    the tokenizer, turning a literal "<|im_end|>" in the data into the control token), and `_precompute_ref_logps`
-    reads / writes `ref_cache` around TRL's own computation (TRL keys in-memory datasets by a random fingerprint).
-    `ref_cache` has load(name, fingerprint) -> (chosen, rejected) | None and save(name, fingerprint, chosen, rejected)."""
-
-    def __init__(self, *args, ref_cache, data_fingerprints: dict[str, str], **kwargs):
-        self.ref_cache = ref_cache
-        self.data_fingerprints = data_fingerprints
-        super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        fp = self.data_fingerprints[name]
-        cached = self.ref_cache.load(name, fp)
-        if cached is not None and len(cached[0]) == len(dataset):
-            return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
-        out = super()._precompute_ref_logps(dataset, name, batch_size)
-        self.ref_cache.save(name, fp, out["ref_chosen_logps"], out["ref_rejected_logps"])
-        return out
+def _build(name: str):
+    """The suite's subclasses of TRL classes, each defined when first used: a base imports only when it is needed."""
+    if name == "StrictTrlParser":
+        return _strict_parser()
+    if name == "PretokenizedDPOTrainer":
+        return _pretokenized_dpo_trainer()
+    return _safe_online_trainer(name)
 
 
-class _SafePromptIds:
-    """Overrides TRL 1.16's private `_tokenize_prompts` of the online trainers: prompt ids come from our
-    special-token-safe `encode_chat` (TRL would render data text with apply_chat_template, so a user message holding
-    "<|im_start|>assistant" would forge a turn). Prompts are always message lists here (text-only models)."""
+def _pretokenized_dpo_trainer():
+    from trl import DPOTrainer
 
-    def _tokenize_prompts(self, prompts: list):
-        from .tokens import encode_chat
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer for rows we already tokenized (special-token safe), with reference log-probs from a disk cache.
 
-        return [encode_chat(self.processing_class, p, add_generation_prompt=True)["input_ids"] for p in prompts], None, {}
+        Two overrides of TRL 1.16 private methods: `_prepare_dataset` keeps our token ids (TRL would re-render text with
+        the tokenizer, turning a literal "<|im_end|>" in the data into the control token), and `_precompute_ref_logps`
+        reads / writes `ref_cache` around TRL's own computation (TRL keys in-memory datasets by a random fingerprint).
+        `ref_cache` has load(name, fingerprint) -> (chosen, rejected) | None and save(name, fingerprint, chosen, rejected)."""
+
+        def __init__(self, *args, ref_cache, data_fingerprints: dict[str, str], **kwargs):
+            self.ref_cache = ref_cache
+            self.data_fingerprints = data_fingerprints
+            super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            fp = self.data_fingerprints[name]
+            cached = self.ref_cache.load(name, fp)
+            if cached is not None and len(cached[0]) == len(dataset):
+                return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            self.ref_cache.save(name, fp, out["ref_chosen_logps"], out["ref_rejected_logps"])
+            return out
+
+    return PretokenizedDPOTrainer
 
 
-class SafeGRPOTrainer(_SafePromptIds, GRPOTrainer):
-    """GRPOTrainer whose prompt ids are special-token safe."""
+def _safe_online_trainer(name: str):
+    import trl
+
+    class _SafePromptIds:
+        """Overrides TRL 1.16's private `_tokenize_prompts` of the online trainers: prompt ids come from our
+        special-token-safe `encode_chat` (TRL would render data text with apply_chat_template, so a user message holding
+        "<|im_start|>assistant" would forge a turn). Prompts are always message lists here (text-only models)."""
+
+        def _tokenize_prompts(self, prompts: list):
+            from .tokens import encode_chat
+
+            return [encode_chat(self.processing_class, p, add_generation_prompt=True)["input_ids"] for p in prompts], None, {}
+
+    base = getattr(trl, name.removeprefix("Safe"))  # GRPOTrainer or RLOOTrainer
+    return type(name, (_SafePromptIds, base), {"__doc__": f"{base.__name__} whose prompt ids are special-token safe."})
 
 
-class SafeRLOOTrainer(_SafePromptIds, RLOOTrainer):
-    """RLOOTrainer whose prompt ids are special-token safe."""
+def _strict_parser():
+    from trl import TrlParser
+
+    class StrictTrlParser(TrlParser):
+        """TrlParser that reports errors as UserError (one line, not argparse's usage and exit) and lets a dataclass field
+        carry our own `range` metadata (transformers' parser passes every metadata key on to argparse)."""
+
+        def error(self, message):
+            from .errors import UserError
+
+            raise UserError(f"command line: {message}")
+
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            import copy
+            import types
+
+            if "range" in field.metadata:
+                field = copy.copy(field)
+                field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "range"})
+            return TrlParser._parse_dataclass_field(parser, field)
+
+    return StrictTrlParser
 
 
-class StrictTrlParser(TrlParser):
-    """TrlParser that reports errors as UserError (one line, not argparse's usage and exit) and lets a dataclass field
-    carry our own `range` metadata (transformers' parser passes every metadata key on to argparse)."""
+_SUBCLASSES = ("PretokenizedDPOTrainer", "SafeGRPOTrainer", "SafeRLOOTrainer", "StrictTrlParser")
 
-    def error(self, message):
-        from .errors import UserError
 
-        raise UserError(f"command line: {message}")
-
-    @staticmethod
-    def _parse_dataclass_field(parser, field):
-        import copy
-        import types
-
-        if "range" in field.metadata:
-            field = copy.copy(field)
-            field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "range"})
-        return TrlParser._parse_dataclass_field(parser, field)
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBCLASSES:
+        value = _build(name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # once
+    return value

@@ -179,8 +179,8 @@ def looks_local(spec: str) -> bool:
     return _base_suffix(Path(spec)) in LOCAL_SUFFIXES + (".txt",) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
-def read_rows(spec: str, split: str = "train", fieldnames: list[str] | None = None) -> list[Row]:
-    """All rows of one source (file, directory of files, or hub dataset name), each tagged with its place."""
+def read_rows(spec: str, split: str = "train", fieldnames: list[str] | None = None, config: str | None = None) -> list[Row]:
+    """All rows of one source (file, directory of files, or hub dataset name with its `config`), each tagged with its place."""
     p = Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if _is_local_data_file(f))
@@ -191,7 +191,7 @@ def read_rows(spec: str, split: str = "train", fieldnames: list[str] | None = No
     elif looks_local(spec):
         raise UserError(f"{spec}: data file not found")
     else:
-        return _read_hub(spec, split)
+        return _read_hub(spec, split, config)
     out = []
     for f in files:
         out += read_file_rows(f, fieldnames)

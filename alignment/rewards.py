@@ -11,8 +11,9 @@ weighted sum, and each reward's mean is logged as `rewards/<NAME>/mean` (TRL's n
     model                     the learned reward model (`reward_model`, normalised with its reward_stats.json)
     tinyworld[:PARTIAL]       1 when the tiny world's checker accepts the answer (rows carry answer, kind, ...); else
                               PARTIAL (default 0) when it is at least about the asked person (or sum); else 0
-    exact_match[:FIELD]       1 when the number extracted from the completion (GSM8K's "#### 42", else its last number)
-                              equals the row's FIELD (default `answer`, extracted the same way), else 0
+    exact_match[:FIELD]       1 when the answer extracted from the completion as lm-eval's gsm8k does (flexible-extract:
+                              the last number) matches the row's FIELD (default `answer`; the text after "####" when
+                              it has one) under gsm8k's exact match (commas, $, a final period ignored), else 0
     ends_at_end_of_turn       0 when the completion ended at end of turn, -1 when the length limit cut it
     length:MIN:MAX            0 for MIN..MAX words, -1 outside
     python:FILE.py:FUNCTION   a function of yours, loaded from the file the config names (never from data):
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,36 +137,73 @@ def ends_at_end_of_turn_function(penalty: float) -> RewardFunction:
     return RewardFunction("ends_at_end_of_turn", lambda rows, comps: [0.0 if c.stopped else -1.0 for c in comps], penalty)
 
 
-# GSM8K's answer formats, as lm-eval's gsm8k task extracts them: "#### 42" (strict), else the last number (flexible)
-_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# GSM8K's answer extraction, as lm-eval's gsm8k task runs it: "#### 42" (strict-match), or the last number
+# (flexible-extract), then exact match after removing commas, dollar signs, everything up to "#### " and a final period
+GSM8K_STRICT = [{"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"}, {"function": "take_first"}]
+GSM8K_FLEXIBLE = [{"function": "regex", "group_select": -1, "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)"}, {"function": "take_first"}]
+GSM8K_MATCH = {"regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"], "ignore_case": True}
+
+
+def apply_filter(steps: list[dict], response: str) -> str:
+    """One filter pipeline of lm-eval on one response: regex (findall, group_select, fallback), remove_whitespace,
+    take_first."""
+    resps = [response]
+    for step in steps:
+        fn = step["function"]
+        if fn == "regex":
+            pattern = re.compile(step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)"))
+            out = []
+            for r in resps:
+                match = pattern.findall(r)
+                if match:
+                    match = match[step.get("group_select", 0)]
+                    if isinstance(match, tuple):
+                        match = next((m for m in match if m), step.get("fallback", "[invalid]"))
+                    out.append(match.strip())
+                else:
+                    out.append(step.get("fallback", "[invalid]"))
+            resps = out
+        elif fn == "remove_whitespace":
+            resps = [r.strip() for r in resps]
+        elif fn == "take_first":
+            resps = resps[:1]
+    return resps[0]
+
+
+def exact_match(prediction: str, reference: str, regexes_to_ignore=None, ignore_case: bool = False,
+                ignore_punctuation: bool = False, ignore_numbers: bool = False) -> float:
+    """lm-eval's exact_match for one pair (its port of HF evaluate's): strip the regexes, optionally case,
+    punctuation and digits, then compare."""
+    for rx in regexes_to_ignore or []:
+        prediction, reference = re.sub(rx, "", prediction), re.sub(rx, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        prediction, reference = prediction.translate(table), reference.translate(table)
+    if ignore_numbers:
+        table = str.maketrans("", "", string.digits)
+        prediction, reference = prediction.translate(table), reference.translate(table)
+    return float(prediction == reference)
 
 
 def extract_answer(text: str, mode: str = "flexible") -> str | None:
-    """The final answer of a solution: "#### 42" (strict), or with `flexible` the last number when there is none;
-    normalised as lm-eval's gsm8k exact match does (commas, dollar signs and a trailing period removed)."""
-    m = _STRICT.search(text)
-    if m:
-        found = m.group(1)
-    elif mode == "flexible":
-        hits = [a or b for a, b in _FLEXIBLE.findall(text)]
-        found = hits[-1] if hits else None
-    else:
-        found = None
-    if found is None:
-        return None
-    return re.sub(r"\.$", "", found.replace(",", "").replace("$", "").strip())
+    """The final answer of a solution as lm-eval's gsm8k filters extract it ("#### 42", or with `flexible` the last
+    number), None when there is none."""
+    got = apply_filter(GSM8K_STRICT if mode == "strict" else GSM8K_FLEXIBLE, text)
+    return None if got == "[invalid]" else got
 
 
 def exact_match_function(field_name: str = "answer") -> RewardFunction:
-    """1 when the completion's extracted answer equals the row's `field_name` (extracted the same way), else 0."""
+    """1 when the completion's answer (lm-eval's gsm8k flexible-extract) matches the row's `field_name` (the text after
+    its "####" when it has one, as gsm8k's target) under gsm8k's exact match, else 0: the eval's own scoring."""
     def fn(rows, comps):
         out = []
         for r, c in zip(rows, comps):
             if field_name not in r:
                 raise UserError(f"rewards: exact_match needs the field {field_name!r} in every prompt row; a row has only {sorted(r)}")
-            gold = extract_answer(str(r[field_name]))
-            out.append(float(gold is not None and extract_answer(c.text) == gold))
+            gold = str(r[field_name]).split("####")[-1].strip()
+            out.append(exact_match(apply_filter(GSM8K_FLEXIBLE, c.text), gold, **GSM8K_MATCH))
         return out
 
     return RewardFunction("exact_match", fn)

@@ -20,11 +20,10 @@ markers) and how often generation stopped before max_new_tokens.
 
 from __future__ import annotations
 
-import re
-import string
 
 from alignment.data import fingerprint
 from alignment.errors import UserError
+from alignment.rewards import apply_filter, exact_match  # noqa: F401  (one answer extraction for evals and rewards)
 from alignment.stats import mean_stderr
 
 from .scoring import ScoringModel
@@ -99,49 +98,6 @@ class StopOnStrings:
         tail = input_ids[:, self.prompt_len:][:, -self.lookback:]
         texts = self.tok.batch_decode(tail)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
-
-
-def apply_filter(steps: list[dict], response: str) -> str:
-    """One filter pipeline of lm-eval on one response: regex (findall, group_select, fallback), remove_whitespace,
-    take_first."""
-    resps = [response]
-    for step in steps:
-        fn = step["function"]
-        if fn == "regex":
-            pattern = re.compile(step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)"))
-            out = []
-            for r in resps:
-                match = pattern.findall(r)
-                if match:
-                    match = match[step.get("group_select", 0)]
-                    if isinstance(match, tuple):
-                        match = next((m for m in match if m), step.get("fallback", "[invalid]"))
-                    out.append(match.strip())
-                else:
-                    out.append(step.get("fallback", "[invalid]"))
-            resps = out
-        elif fn == "remove_whitespace":
-            resps = [r.strip() for r in resps]
-        elif fn == "take_first":
-            resps = resps[:1]
-    return resps[0]
-
-
-def exact_match(prediction: str, reference: str, regexes_to_ignore=None, ignore_case: bool = False,
-                ignore_punctuation: bool = False, ignore_numbers: bool = False) -> float:
-    """lm-eval's exact_match for one pair (its port of HF evaluate's): strip the regexes, optionally case,
-    punctuation and digits, then compare."""
-    for rx in regexes_to_ignore or []:
-        prediction, reference = re.sub(rx, "", prediction), re.sub(rx, "", reference)
-    if ignore_case:
-        prediction, reference = prediction.lower(), reference.lower()
-    if ignore_punctuation:
-        table = str.maketrans("", "", string.punctuation)
-        prediction, reference = prediction.translate(table), reference.translate(table)
-    if ignore_numbers:
-        table = str.maketrans("", "", string.digits)
-        prediction, reference = prediction.translate(table), reference.translate(table)
-    return float(prediction == reference)
 
 
 def evaluate_generate_until(lm: ScoringModel, tasks: list[TaskData], apply_chat_template: bool = False,

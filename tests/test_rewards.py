@@ -31,13 +31,14 @@ def test_tinyworld_checker_reward():
 
 
 def test_exact_match_uses_gsm8k_extraction():
-    rows = [{"prompt": "q", "answer": "Natalia sold 48/2 = 24 clips.\n#### 72"}] * 5
-    texts = ["She sold 72 clips in all.\n#### 72", "#### 1,072", "so the answer is 72.", "72 then 71", "#### 72.0"]
+    rows = [{"prompt": "q", "answer": "Natalia sold 48/2 = 24 clips.\n#### 72"}] * 6
+    texts = ["She sold 72 clips in all.\n#### 72", "#### 1,072", "so the answer is 72.", "72 then 71", "#### 72.0", "it costs $72."]
     got, _ = values("exact_match", rows, texts)
-    # strict "#### 72" first; else the last number; "72.0" is not "72" (lm-eval's gsm8k compares strings too)
-    assert got == [1.0, 0.0, 1.0, 0.0, 0.0]
-    assert extract_answer("We get $1,234.", "flexible") == "1234" and extract_answer("no digits here") is None
-    assert extract_answer("3 and 5", "strict") is None
+    # lm-eval's gsm8k flexible-extract: the last number ("1,072" -> 1072 after dropping commas; "$72." -> 72 after dropping
+    # $ and the final period); "72.0" is not "72" (it compares strings)
+    assert got == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert extract_answer("We get $1,234.", "flexible") == "$1,234." and extract_answer("no digits here") is None
+    assert extract_answer("3 and 5", "strict") is None and extract_answer("so #### 12", "strict") == "12"
     got, _ = values("exact_match:gold", [{"prompt": "q", "gold": 5}], ["it is 5"])
     assert got == [1.0]
     with pytest.raises(UserError, match="exact_match needs the field 'gold'"):
