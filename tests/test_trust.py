@@ -83,7 +83,7 @@ def prompts(tmp_path_factory):
     return p
 
 
-def ppo_cmd(model, rm, prompts, out, updates=6):
+def ppo_cmd(model, rm, prompts, out, updates=4):
     return [sys.executable, "-m", "alignment.cli", "ppo", "--model_name_or_path", str(model), "--use_peft", "true", "--lora_r", "4",
             "--lora_alpha", "8", "--reward_model", str(rm), "--prompts", str(prompts), "--output_dir", str(out), "--overwrite", "true",
             "--rollout_batch_size", "4", "--mini_batch_size", "2", "--num_ppo_epochs", "1", "--response_length", "6", "--eval_prompts", "0",
@@ -107,10 +107,10 @@ def test_ppo_killed_in_training_and_in_a_save_resumes_bitwise(tiny_model_dir, rm
     before = previous(out)
     partial = tmp_path / ".ppo.partial"
     cmd = ppo_cmd(tiny_model_dir, rm_dir, prompts, out)
-    kill_when(cmd, lambda: (partial / "checkpoints" / "step_000003" / "state.json").is_file(), tmp_path / "kill.log")
+    kill_when(cmd, lambda: (partial / "checkpoints" / "step_000002" / "state.json").is_file(), tmp_path / "kill.log")
     assert tree_hash(out) == before  # the earlier result is untouched by the killed run
     # a save cut short leaves only a temp sibling (atomic writes): simulate one from a writer that died
-    stale = partial / "checkpoints" / f".step_000004.tmp-{2 ** 22 + 7}-abc"
+    stale = partial / "checkpoints" / f".step_000003.tmp-{2 ** 22 + 7}-abc"
     stale.mkdir(parents=True, exist_ok=True)
     (stale / "trainable.pt").write_bytes(b"half")
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
@@ -126,7 +126,7 @@ def test_sft_killed_in_training_keeps_the_previous_result_and_resumes(tiny_model
     before = previous(out)
     partial = tmp_path / ".sft.partial"
     cmd = [sys.executable, "-m", "alignment.cli", "sft", "--model_name_or_path", str(tiny_model_dir), "--train_data", data,
-           "--output_dir", str(out), "--overwrite", "true", "--max_steps", "30", "--save_steps", "2", "--per_device_train_batch_size", "4",
+           "--output_dir", str(out), "--overwrite", "true", "--max_steps", "12", "--save_steps", "2", "--per_device_train_batch_size", "4",
            "--learning_rate", "1e-3", "--report_to", "none", "--max_length", "64"]
     kill_when(cmd, lambda: (partial / "checkpoint-4" / "trainer_state.json").is_file(), tmp_path / "kill.log")
     assert tree_hash(out) == before
@@ -134,7 +134,7 @@ def test_sft_killed_in_training_keeps_the_previous_result_and_resumes(tiny_model
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming the interrupted run from" in r.stderr
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 30 and int(s["resumed_from"].rsplit("-", 1)[1]) >= 4
+    assert s["steps"] == 12 and int(s["resumed_from"].rsplit("-", 1)[1]) >= 4
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "merged")  # the new result loads
@@ -155,7 +155,7 @@ def test_crafted_pickles_are_refused_everywhere_a_pt_file_is_loaded(tiny_model_d
 
     # PPO: a killed run's checkpoint, each of its .pt files crafted in turn
     out = tmp_path / "ppo"
-    cmd = ppo_cmd(tiny_model_dir, rm_dir, prompts, out, updates=4)
+    cmd = ppo_cmd(tiny_model_dir, rm_dir, prompts, out, updates=3)
     kill_when(cmd, lambda: (tmp_path / ".ppo.partial" / "checkpoints" / "step_000001" / "state.json").is_file(), tmp_path / "k.log")
     ckpt = sorted((tmp_path / ".ppo.partial" / "checkpoints").glob("step_*"))[-1]  # the one a rerun resumes from
     for name in ("trainable.pt", "optimizer.pt", "rng.pt"):
