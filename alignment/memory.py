@@ -308,7 +308,7 @@ class Precision:
     weight: storage of the decoder linear layers (float32 | bfloat16 | float16 | int8 | nf4 | nf4-dq);
     other: bytes per element of the other parameters (embeddings, norms, head); residual: bytes per element of the
     hidden states between layers (fp32 when the embeddings are fp32); compute: bytes of matmul outputs (2 under bf16
-    autocast or with 16-bit weights); autocast: whether fp32 inputs are cast to 16 bits at every matmul."""
+    autocast or with 16-bit weights); autocast: whether bf16 autocast is on (every matmul casts its inputs)."""
 
     weight: str
     other: int
@@ -319,6 +319,21 @@ class Precision:
     @property
     def quantized(self) -> bool:
         return self.weight in ("int8", "nf4", "nf4-dq")
+
+    @property
+    def attention(self) -> int:
+        """Bytes of q, k, v and the attention output that SDPA keeps: bf16 under autocast, else the compute dtype."""
+        return 2 if self.autocast else self.compute
+
+    @property
+    def logits(self) -> int:
+        """Bytes of the head's output: the compute dtype under autocast, else the head weight's dtype."""
+        return 2 if self.autocast else self.other
+
+    @property
+    def key(self) -> int:
+        """Bytes of a cached key: RoPE multiplies by cos/sin in the residual dtype, which promotes 16-bit keys."""
+        return max(self.compute, self.residual)
 
 
 def precision(dtype: str, shape: ModelShape, quant: str | None = None, autocast: bool = False) -> Precision:
@@ -331,10 +346,10 @@ def precision(dtype: str, shape: ModelShape, quant: str | None = None, autocast:
     b = DTYPE_BYTES[dtype]
     if quant:
         other = 4 if KBIT_UPCASTS_TO_FP32 else b
-        # 4-bit compute runs in the loader's compute dtype (the model dtype); 8-bit matmuls return fp16
-        compute = 2 if (autocast or b == 2 or quant == "int8") else 4
-        return Precision(quant, other, other, compute, autocast)
-    return Precision(dtype, b, b, 2 if autocast else b, autocast and b == 4)
+        # bitsandbytes multiplies in bf16/fp16 but returns its input's dtype, which is the (fp32) residual's, so
+        # linear outputs and the MLP stay in `other` even under autocast
+        return Precision(quant, other, other, other, autocast)
+    return Precision(dtype, b, b, 2 if autocast else b, autocast)
 
 
 def quant_of(settings: dict, prefix: str = "") -> str | None:
@@ -430,16 +445,21 @@ def sharded(terms: list[Term], n: int, sharding: str) -> list[Term]:
 # activations of a training micro-batch
 
 
-def lora_saved_per_token(d_in: int, lora: Lora, prec: Precision, shared_input: bool) -> float:
-    """Bytes per token one LoRA adapter keeps for backward (peft's Linear: cast x to the adapter dtype, dropout,
-    lora_A, lora_B): the dropout mask (1 byte/element when dropout > 0), lora_A's input (a fresh copy unless the
-    adapter reads the very tensor the base layer got: same dtype, no dropout, no autocast) and lora_A's output."""
+def lora_saved_per_token(d_in: int, lora: Lora, prec: Precision, first_of_group: bool) -> float:
+    """Bytes per token one LoRA adapter keeps for backward (peft's Linear casts x to the adapter dtype, applies
+    dropout, lora_A, lora_B): the dropout mask (1 byte/element on CUDA's fused dropout, when dropout > 0); lora_A's
+    input -- under autocast a bf16 copy made for this adapter alone; otherwise the dropout output or the cast in the
+    adapter dtype, or, with neither, the shared input that q/k/v (or gate/up) read, counted once per group -- and
+    lora_A's output (r values)."""
     a = lora.param_bytes
-    compute = 2 if prec.autocast or prec.compute == 2 and a == 2 else a
     mask = d_in if lora.dropout > 0 else 0
-    fresh = lora.dropout > 0 or prec.autocast or a != prec.compute or not shared_input
-    x_in = (compute if prec.autocast or compute == 2 else a) * d_in if fresh else 0
-    return mask + x_in + compute * lora.r
+    if prec.autocast:
+        x_in = 2 * d_in
+    elif lora.dropout > 0 or a != prec.residual:
+        x_in = a * d_in
+    else:
+        x_in = a * d_in if first_of_group else 0
+    return mask + x_in + (2 if prec.autocast else a) * lora.r
 
 
 def layer_saved_per_token(shape: ModelShape, prec: Precision, lora: Lora | None, T: int,
@@ -447,71 +467,90 @@ def layer_saved_per_token(shape: ModelShape, prec: Precision, lora: Lora | None,
     """Bytes one decoder layer keeps for backward per token of the micro-batch (no checkpointing).
 
     RMSNorm (x2): the fp32 copy of its input (4H) and 1/rms (4), plus its output for the gain's gradient when the gain
-    trains (full fine-tuning). Linear layers of full fine-tuning keep their inputs (one copy shared by q/k/v and one
-    by gate/up; one per layer under autocast, which casts each use separately). Attention (SDPA, memory-efficient
-    kernels: no T x T scores): q, k and v after RoPE -- k and v repeated to all query heads, because a padding mask
-    disables SDPA's native GQA -- the output and an fp32 log-sum-exp per head, plus the additive mask expanded to
-    (B, 1, T, T) in compute dtype. SwiGLU MLP: gate, silu(gate), up and their product (4 x I; 3 x I with a frozen
-    down projection). LoRA adds lora_saved_per_token per adapter. Liger's fused RMSNorm keeps its input in the
-    residual dtype only, and its fused SwiGLU recomputes silu in backward (3 x I)."""
+    trains (full fine-tuning). Linear layers of full fine-tuning keep their inputs: one copy shared by q/k/v and one by
+    gate/up, or, when autocast casts an fp32 residual, a bf16 copy per layer (5). Attention (SDPA's fused kernels: no
+    T x T scores): q, k and v after RoPE -- k and v repeated to all query heads, because a padding mask disables SDPA's
+    native GQA -- the output and an fp32 log-sum-exp per head, plus the additive mask expanded to (B, 1, T, T) in
+    compute dtype. SwiGLU MLP: gate, silu(gate), up and their product (4 x I; 3 x I with a frozen down projection).
+    8/4-bit linear layers keep their compute-dtype input for the input gradient. LoRA adds lora_saved_per_token per
+    adapter. Liger's fused RMSNorm keeps its input in the residual dtype only, and its fused SwiGLU recomputes silu
+    in backward (3 x I). Verified against traced steps (benchmarks/memory_trace.py)."""
     H, I, Q, K = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
-    s, r = prec.compute, prec.residual
+    s, r, sa = prec.compute, prec.residual, prec.attention
     full = lora is None
     norm = (r * H + 4) if liger else (4 * H + 4 + (r * H if full else 0))
+    lin_inputs = 0
     if full:
-        lin_inputs = (5 if prec.autocast else 2) * s * H  # q,k,v share one input, gate,up another
-    else:
-        lin_inputs = 0
-        if prec.quantized:  # bitsandbytes matmuls keep their (compute-dtype) input for the input gradient
-            lin_inputs = (3 + 2) * s * H + s * Q + s * I
-    kv = (2 * s * Q) if padded else (2 * s * K)
-    attn = s * Q + kv + s * Q + 4 * shape.num_attention_heads + (s * T if padded else 0)
+        lin_inputs = (5 if r != s else 2) * s * H
+    elif prec.weight == "int8":  # bitsandbytes' MatMul8bitLt keeps its input (q/k/v share one, gate/up another,
+        lin_inputs = (2 * H + I) * r  # down reads the MLP product); 4-bit MatMul4Bit keeps only the packed weight
+    kv = (2 * sa * Q) if padded else (2 * sa * K)
+    attn = sa * Q + kv + sa * Q + 4 * shape.num_attention_heads + (sa * T if padded else 0)
     if shape.qk_norm:
         attn += 4 * (Q + K)
     mlp = (3 if liger or not full else 4) * s * I
     adapters = 0.0
     if lora is not None:
         lin = shape.linears()
-        first = {"q_proj": True, "k_proj": False, "v_proj": False, "gate_proj": True, "up_proj": False,
-                 "o_proj": True, "down_proj": True}
+        # k/v read q's input and up reads gate's; o's input is the attention output SDPA keeps already
+        first = {"k_proj": False, "v_proj": False, "up_proj": False, "o_proj": lora.param_bytes != s}
         adapters = sum(lora_saved_per_token(lin[t][0], lora, prec, first.get(t, True)) for t in lora.targets if t in lin)
     return 2 * norm + lin_inputs + attn + mlp + adapters
 
 
-def layer_backward_temp_per_token(shape: ModelShape, prec: Precision) -> float:
+def autocast_weight_copies(shape: ModelShape, prec: Precision) -> float:
+    """bf16 copies of fp32 linear weights that bf16 autocast makes and the backward keeps (the weight a matmul needs
+    for its input gradient): 2 bytes per decoder linear weight."""
+    return 2 * shape.linear_params if prec.autocast and prec.weight == "float32" else 0.0
+
+
+def layer_backward_temp_per_token(shape: ModelShape, prec: Precision, lora: Lora | None = None) -> float:
     """Gradient buffers alive while one layer runs backward: the incoming and outgoing hidden-state gradients
-    (residual dtype) and the MLP's intermediate gradients (gate, up and their product, compute dtype)."""
-    return 2 * prec.residual * shape.hidden_size + 3 * prec.compute * shape.intermediate_size
+    (residual dtype) and the MLP's intermediate gradients (gate, up and their product, compute dtype). LoRA adds the
+    gradient of the adapters' input in the adapter dtype (the down projection's I, and about 1.5 H for the others
+    in flight), measured on traced steps."""
+    H, I = shape.hidden_size, shape.intermediate_size
+    temp = 2 * prec.residual * H + 3 * prec.compute * I
+    if lora is not None:
+        temp += lora.param_bytes * ((I if "down_proj" in lora.targets else 0) + 1.5 * H)
+    return temp
 
 
 def activation_terms(shape: ModelShape, prec: Precision, lora: Lora | None, B: int, T: int, checkpointing: bool,
-                     liger: bool = False, hidden_states_out: bool = False, padded: bool = True) -> list[Term]:
-    """Activations of one micro-batch of B sequences x T tokens, at the start of backward.
+                     liger: bool = False, padded: bool = True) -> tuple[list[Term], list[Term]]:
+    """Activations of one micro-batch of B sequences x T tokens: (kept at the start of backward, the extra peak of a
+    layer's backward).
 
-    Without checkpointing every layer keeps layer_saved_per_token. With gradient checkpointing (transformers,
-    non-reentrant) a layer keeps only its input (residual dtype) and one layer at a time is recomputed during
-    backward, so the peak adds one layer's saved tensors and backward buffers. The embedding output and the final
-    norm (its fp32 input copy and its output, which the head reads) are outside the checkpointed layers.
-    `hidden_states_out`: the model also returns every layer's hidden states (our PPO's value head asks for them)."""
+    Without checkpointing every layer keeps layer_saved_per_token, and a layer's backward adds its gradient buffers.
+    With gradient checkpointing (transformers, non-reentrant) a layer keeps only its input (residual dtype); its
+    backward first recomputes its forward, so the extra peak is one layer's saved tensors plus its gradient buffers.
+    The embedding output and the final norm (its fp32 input copy, its output and the copy the head reads) are
+    outside the checkpointed layers."""
     N = B * T
     L = shape.num_hidden_layers
     per_layer = layer_saved_per_token(shape, prec, lora, T, liger, padded)
-    edge = (prec.residual * shape.hidden_size  # embedding output
-            + 4 * shape.hidden_size + 4 + 2 * prec.residual * shape.hidden_size)  # final norm + its output
-    terms = []
+    temp = layer_backward_temp_per_token(shape, prec, lora)
+    copies = autocast_weight_copies(shape, prec)
     if checkpointing:
-        terms.append(Term(f"activations: {B} x {T} tokens, checkpointed layer inputs ({L} layers)",
-                          N * L * prec.residual * shape.hidden_size, "activations"))
-        terms.append(Term("activations: one layer recomputed in backward + its gradient buffers",
-                          N * (per_layer + layer_backward_temp_per_token(shape, prec)), "activations"))
+        kept = [Term(f"activations: {B} x {T} tokens, checkpointed layer inputs ({L} layers)",
+                     N * L * prec.residual * shape.hidden_size, "activations")]
+        # full fine-tuning reaches its peak at the first layer, whose gradient buffers replace freed activations
+        backward = [Term(f"one layer recomputed in backward ({per_layer / 1024:.1f} KiB/token) + gradient buffers",
+                         N * (per_layer + (temp if lora is not None else 0)) + copies / L, "activations")]
     else:
-        terms.append(Term(f"activations: {B} x {T} tokens x {L} layers ({per_layer / 1024:.1f} KiB/token/layer)",
-                          N * L * per_layer, "activations"))
-    terms.append(Term("activations: embeddings and final norm", N * edge, "activations"))
-    if hidden_states_out:
-        terms.append(Term(f"hidden states of all {L + 1} layers returned (output_hidden_states)",
-                          N * (L + 1) * prec.residual * shape.hidden_size * (0.5 if not checkpointing else 1), "activations"))
-    return terms
+        kept = [Term(f"activations: {B} x {T} tokens x {L} layers ({per_layer / 1024:.1f} KiB/token/layer)",
+                     N * L * per_layer, "activations")]
+        if copies:
+            kept.append(Term("bf16 copies of the fp32 weights made by autocast", copies, "activations"))
+        backward = [Term("a layer's gradient buffers in backward", N * temp, "activations")]
+    return kept, backward
+
+
+def final_norm_terms(shape: ModelShape, prec: Precision, N: int, full: bool) -> list[Term]:
+    """The final RMSNorm's saved tensors (fp32 input copy, 1/rms, its output when its gain trains) and the copy of
+    the hidden states the head reads; freed once the head's backward is done, before the layers' backward."""
+    H, r = shape.hidden_size, prec.residual
+    return [Term("final norm and the hidden states the head reads", N * (4 * H + 4 + (r * H if full else 0) + r * H), "activations")]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -538,17 +577,16 @@ def fused_head_terms(shape: ModelShape, prec: Precision, N: int, head_trains: bo
 
 
 def full_logits_terms(shape: ModelShape, prec: Precision, B: int, T: int, R: int, train: bool) -> list[Term]:
-    """A plain forward's logits (our PPO, pretraining, eval): (B, T, V) in compute dtype, then an fp32 copy of the
-    R scored positions, divided by the temperature and log-softmaxed (both fp32, the log-softmax kept for backward).
-    Backward adds the fp32 gradients of the log-softmax and the division and a (B, T, V) zero-filled gradient of
-    the slice in compute dtype. Without grad only the compute-dtype logits and two fp32 (B, R, V) tensors coexist."""
-    V, s = shape.vocab_size, prec.compute
+    """Logits of a plain forward over B x T tokens of which the last R are scored (alignment.ppo.forward_response):
+    the (B, T, V) logits in compute dtype, an fp32 copy of the R scored positions divided by the temperature, and its
+    fp32 log-softmax. In training the log-softmax is kept for backward, whose fp32 gradients (gather, log-softmax,
+    division) and the zero-filled (B, T, V) gradient of the slice add up to 12 bytes x B x R x V + the slice's."""
+    V, s = shape.vocab_size, prec.logits
     full = B * T * V * s
     if train:
-        return [Term(f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 log-softmax of {R} positions",
-                     full + 2 * B * R * V * 4, "logits"),
-                Term("logits backward: fp32 gradients + slice gradient", 2 * B * R * V * 4 + full, "logits")]
-    return [Term(f"logits {B} x {T} x {V} + fp32 copies of {R} positions (no grad)", full + 2 * B * R * V * 4, "logits")]
+        return [Term(f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 log-softmax of {R} positions and its backward",
+                     full + 12 * B * R * V, "logits")]
+    return [Term(f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 copies of {R} positions (no grad)", full + 8 * B * R * V, "logits")]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -556,9 +594,9 @@ def full_logits_terms(shape: ModelShape, prec: Precision, B: int, T: int, R: int
 
 
 def kv_cache_bytes(shape: ModelShape, prec: Precision, B: int, T: int) -> float:
-    """Keys and values of every layer for B sequences of T tokens: 2 x layers x kv_heads x head_dim x B x T, in the
-    compute dtype (transformers' DynamicCache keeps them as the attention computed them)."""
-    return 2 * shape.num_hidden_layers * shape.kv_dim * B * T * prec.compute
+    """Keys and values of every layer for B sequences of T tokens: layers x kv_heads x head_dim x B x T each, as the
+    attention computed them (transformers' DynamicCache): values in compute dtype, keys after RoPE (prec.key)."""
+    return shape.num_hidden_layers * shape.kv_dim * B * T * (prec.key + prec.compute)
 
 
 def forward_transient_per_token(shape: ModelShape, prec: Precision) -> float:
@@ -568,17 +606,26 @@ def forward_transient_per_token(shape: ModelShape, prec: Precision) -> float:
     return 3 * prec.residual * H + 4 + prec.compute * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * prec.compute * I
 
 
-def generation_terms(shape: ModelShape, prec: Precision, B: int, P: int, R: int, who: str) -> list[Term]:
-    """model.generate for B sequences: the KV cache at full length P + R, the prefill's per-layer transients and mask
-    (B, 1, P, P) over P prompt tokens, and fp32 next-token scores (B x V) per step (logits of the last position only)."""
-    return [Term(f"{who} KV cache: {B} sequences x {P + R} tokens", kv_cache_bytes(shape, prec, B, P + R), "kv"),
-            Term(f"{who} prefill of {B} x {P} prompt tokens", B * P * (forward_transient_per_token(shape, prec) + prec.compute * P), "activations"),
-            Term(f"{who} next-token scores ({B} x {shape.vocab_size}, fp32)", 3 * B * shape.vocab_size * 4, "logits")]
+def generation_terms(shape: ModelShape, prec: Precision, B: int, P: int, R: int, who: str,
+                     padded: bool = True) -> list[Term]:
+    """model.generate for B sequences of P prompt + R new tokens: the larger of the prefill (one layer's transients
+    over B x P tokens, the (B, 1, P, P) mask of a left-padded batch, the KV cache of the prompt) and the last decoding
+    step (the KV cache at P + R tokens and fp32 next-token scores, B x V; logits exist for the last position only)."""
+    prefill = [Term(f"{who} prefill of {B} x {P} prompt tokens (one layer at a time)",
+                    B * P * (forward_transient_per_token(shape, prec) + (prec.compute * P if padded else 0)), "activations"),
+               Term(f"{who} KV cache of the prompt ({B} x {P} tokens)", kv_cache_bytes(shape, prec, B, P), "kv")]
+    last = [Term(f"{who} KV cache: {B} sequences x {P + R} tokens", kv_cache_bytes(shape, prec, B, P + R), "kv"),
+            Term(f"{who} next-token scores ({B} x {shape.vocab_size}, fp32) and one layer's step",
+                 3 * B * shape.vocab_size * 4 + B * forward_transient_per_token(shape, prec), "logits")]
+    return max(prefill, last, key=lambda ts: sum(t.bytes for t in ts))
 
 
-def scoring_terms(shape: ModelShape, prec: Precision, B: int, T: int, who: str) -> list[Term]:
-    """A no-grad forward of B x T tokens whose output is small (a reward model's score, a fused-head log-prob)."""
-    return [Term(f"{who}: forward of {B} x {T} tokens (no grad)", B * T * (forward_transient_per_token(shape, prec) + prec.compute * T), "activations")]
+def scoring_terms(shape: ModelShape, prec: Precision, B: int, T: int, who: str, padded: bool = True) -> list[Term]:
+    """A no-grad forward of B x T tokens whose output is small (a reward model's score, a fused-head log-prob, the
+    few scored positions of a multiple-choice prompt): one layer's transients at a time, plus the (B, 1, T, T)
+    additive mask of a padded batch."""
+    per_token = forward_transient_per_token(shape, prec) + (prec.compute * T if padded else 0)
+    return [Term(f"{who}: forward of {B} x {T} tokens (no grad)", B * T * per_token, "activations")]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -640,14 +687,25 @@ def _trainable(stage: str, settings: dict, shape: ModelShape, kind: str, autocas
 
 def _train_phase(name: str, shape: ModelShape, prec: Precision, lora: Lora | None, B: int, T: int, ckpt: bool,
                  liger: bool, head: str, grads: list[Term], accumulate: bool) -> Phase:
-    """A training micro-batch: activations + head + (the gradients, when they live across micro-batches; else the
-    ones the backward produces first, the head's)."""
-    terms = activation_terms(shape, prec, lora, B, T, ckpt, liger)
+    """A training micro-batch: the activations kept for backward, then the larger of the head's backward (which
+    runs first) and one layer's backward; plus the gradients when they live across micro-batches."""
+    kept, layer_bwd = activation_terms(shape, prec, lora, B, T, ckpt, liger)
     N = B * T
+    head_terms = final_norm_terms(shape, prec, N, lora is None)
     if head == "fused":
-        terms += fused_head_terms(shape, prec, N, lora is None)
-    elif head == "score":
-        terms.append(Term("score head outputs (B x T x 1)", N * 4 * 3, "logits"))
+        head_terms += fused_head_terms(shape, prec, N, lora is None)
+    else:
+        head_terms += [Term("score head outputs (B x T x 1)", N * 4 * 3, "logits")]
+    if lora is None and not accumulate:
+        # full fine-tuning: gradients pile up while backward frees activations. Checkpointed layers keep little, so
+        # the peak comes at the first layer, with every gradient made; without checkpointing it comes at the start,
+        # with the head's and the last layer's.
+        w = DTYPE_BYTES.get(prec.weight, 4)
+        first = shape.head_params("causal") or shape.embed_params
+        layer = shape.linear_params / shape.num_hidden_layers * w
+        made = sum(t.bytes for t in grads) - layer if ckpt else first * w + layer
+        layer_bwd = layer_bwd + [Term("gradients made so far in backward", made, "grads")]
+    terms = kept + max(head_terms, layer_bwd, key=lambda ts: sum(t.bytes for t in ts))
     if accumulate:
         terms += grads
     return Phase(name, terms)
@@ -680,7 +738,7 @@ def _sft_like(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -
         # recipes/dpo.py completion_logps: model(...).logits.float() on the device for held-out pairs
         phases.append(Phase(f"held-out log-probs after training ({eb} sequences, full logits)",
                             [Term(f"logits {eb} x {T} x {shape.vocab_size} + fp32 copy (recipes/dpo.py completion_logps)",
-                                  eb * T * shape.vocab_size * (prec.compute + 4), "logits")] +
+                                  eb * T * shape.vocab_size * (prec.other + (4 if prec.other != 4 else 0)), "logits")] +
                             scoring_terms(shape, prec, eb, T, "policy")))
         notes.append("DPO: reference log-probs are precomputed and cached (no reference model in memory)")
     if stage == "reward":
@@ -742,19 +800,30 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     T = P + R
     phases = [Phase(f"rollout: sampling {Bro} responses", generation_terms(shape, prec, Bro, P, R, "policy")),
               Phase(f"experience forward over the whole rollout batch ({Bro} x {T} tokens)",
-                    full_logits_terms(shape, prec, Bro, T, R, train=False) +
                     [Term(f"hidden states of {shape.num_hidden_layers + 1} layers (output_hidden_states)",
-                          Bro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size, "activations")]),
+                          Bro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size, "activations")] +
+                    max(full_logits_terms(shape, prec, Bro, T, R, train=False), scoring_terms(shape, prec, Bro, T, "policy"),
+                        key=lambda ts: sum(t.bytes for t in ts))),
               Phase(f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
                     scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"))]
-    train = activation_terms(shape, prec, lora, micro, T, checkpointing=False, hidden_states_out=True)
-    train += full_logits_terms(shape, prec, micro, T, R, train=True)
+    kept, layer_bwd = activation_terms(shape, prec, lora, micro, T, checkpointing=False)
+    # output_hidden_states keeps every layer's output; in fp32 the norms keep those very tensors already
+    hs = 0 if prec.residual == 4 else micro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size
+    train = kept + [Term(f"hidden states of all {shape.num_hidden_layers + 1} layers returned (output_hidden_states)", hs, "activations")]
+    train += final_norm_terms(shape, prec, micro * T, lora is None) + full_logits_terms(shape, prec, micro, T, R, train=True)
     if value is not None:
-        train += activation_terms(value, precision("float32", value), None, micro, T, checkpointing=False)
+        train += activation_terms(value, precision("float32", value), None, micro, T, checkpointing=False)[0]
     if accum > 1:
         train += grads
     phases.append(Phase(f"training micro-batch ({micro} x {T} tokens)", train))
     phases.append(_optimizer_phase(grads))
+    if _int(settings, stage, "eval_prompts") > 0:
+        # PPO.evaluate: held-out prompts 16 at a time, sampled and scored by policy and reference (no hidden states)
+        Be = min(16, _int(settings, stage, "eval_prompts"))
+        phases.append(Phase(f"held-out evaluation ({Be} prompts at a time)",
+                            max(generation_terms(shape, prec, Be, P, R, "policy"),
+                                full_logits_terms(shape, prec, Be, T, R, train=False),
+                                key=lambda ts: sum(t.bytes for t in ts))))
     notes = [f"prompts assumed {P} tokens (--prompt_length N to change)",
              "the experience forward runs the whole rollout batch at once; rollout_batch_size bounds it"]
     return Estimate(stage, resident, phases, notes, n, sharding)
@@ -805,7 +874,8 @@ def _pairs(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     P = _int(settings, stage, "prompt_length") if settings.get("prompt_length") else DEFAULT_PROMPT_LENGTH
     R = _int(settings, stage, "max_new_tokens")
     k = _int(settings, stage, "num_samples")
-    phases.append(Phase(f"sampling {k} answers per prompt", generation_terms(shape, prec, k, P, R, "policy")))
+    # evals.preference.sample_responses: one prompt, num_return_sequences=k, no padding
+    phases.append(Phase(f"sampling {k} answers per prompt", generation_terms(shape, prec, k, P, R, "policy", padded=False)))
     if "reward" in shapes:
         rprec = precision("float32", shapes["reward"])
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reward"], rprec, "reward", "reward model")]
@@ -832,11 +902,15 @@ def _eval(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     T = min(shape.max_position_embeddings, _int(settings, stage, "prompt_length") if settings.get("prompt_length") else 2048)
     resident = weight_terms(shape, prec, "causal", "model")
     phases = []
+    if "perplexity" in tasks or "mmlu" in tasks:
+        phases.append(Phase(f"scoring forward: {B} x {T} tokens", scoring_terms(shape, prec, B, T, "model", padded=False)))
     if "perplexity" in tasks:
-        phases.append(Phase(f"perplexity: {B} windows x {T} tokens", scoring_terms(shape, prec, B, T, "model") +
-                            [Term(f"head output + fp32 log-softmax at {B * T} positions", B * T * shape.vocab_size * (prec.compute + 8), "logits")]))
-    if "mmlu" in tasks:
-        phases.append(Phase(f"multiple choice: {B} prompts x {T} tokens", scoring_terms(shape, prec, B, T, "model")))
+        # evals/scoring.py: the head and an fp32 log-softmax at every scored position (all of them for perplexity);
+        # the head's 16-bit output is freed once cast, so an fp32 copy and the log-softmax coexist
+        N = B * T
+        phases.append(Phase(f"perplexity head: {N} positions x {shape.vocab_size} vocab",
+                            [Term("final hidden states + the scored positions' copy", 2 * N * prec.residual * shape.hidden_size, "activations"),
+                             Term(f"head output as fp32 + fp32 log-softmax ({N} x {shape.vocab_size})", N * shape.vocab_size * 8, "logits")]))
     if {"dpo", "winrate"} & set(tasks) and "reference" in shapes:
         rp = precision("auto", shapes["reference"])
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reference"], rp, "causal", "reference model")]
@@ -846,7 +920,7 @@ def _eval(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         phases.append(Phase(f"reward scoring ({B} sequences)", scoring_terms(shapes["reward"], rm, B, T, "reward model")))
     if "winrate" in tasks:
         k = _int(settings, stage, "num_samples")
-        phases.append(Phase(f"win rate: sampling {k} answers", generation_terms(shape, prec, k, T, _int(settings, stage, "max_new_tokens"), "model")))
+        phases.append(Phase(f"win rate: sampling {k} answers", generation_terms(shape, prec, k, T, _int(settings, stage, "max_new_tokens"), "model", padded=False)))
     notes = [f"documents/prompts assumed {T} tokens (--prompt_length N; perplexity windows are min(document, context))"]
     return Estimate(stage, resident, phases, notes, n, sharding)
 
@@ -872,13 +946,15 @@ def _pretrain(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         grads.append(Term(f"DDP gradient buckets ({n} processes)", count * 4, "grads"))
     B, T = _int(settings, stage, "batch_size"), _int(settings, stage, "seq_len")
     # pretrain/model.py: causal SDPA without a padding mask, native GQA (no repeated k/v, no (B, 1, T, T) mask)
-    terms = activation_terms(shape, prec, None, B, T, checkpointing=False, padded=False)
-    if autocast:  # autocast keeps a bf16 copy of every fp32 weight for the backward
-        terms.append(Term("bf16 copies of the weights made by autocast", shape.linear_params * 2 + shape.head_params() * 2
-                          + (shape.embed_params * 2 if shape.tie_word_embeddings else 0), "activations"))
+    terms = activation_terms(shape, prec, None, B, T, checkpointing=False, padded=False)[0]
+    terms += final_norm_terms(shape, prec, B * T, True)
+    if autocast:  # the head's fp32 weight is cast too (a plain linear here, not TRL's fused head)
+        terms.append(Term("bf16 copy of the head weight made by autocast", 2 * shape.vocab_size * shape.hidden_size, "activations"))
     V = shape.vocab_size
-    terms.append(Term(f"logits {B} x {T} x {V} ({prec.compute * 8}-bit) + fp32 copy + fp32 log-softmax",
-                      B * T * V * (prec.compute + 4 + 4), "logits"))
+    # pretrain/train.py keeps the returned logits (`_, loss = model(x, y)`) through backward; the cross-entropy
+    # keeps its fp32 log-softmax, and its backward adds two fp32 gradients of the same size
+    terms.append(Term(f"logits {B} x {T} x {V} ({prec.compute * 8}-bit) + fp32 log-softmax + its 2 fp32 gradients",
+                      B * T * V * (prec.compute + 12), "logits"))
     if _int(settings, stage, "grad_accum") > 1:
         terms += grads
     else:
@@ -940,6 +1016,8 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
                         {"use_peft": True, "load_in_4bit": True, "load_in_8bit": False}))
         if "8bit" not in str(s.get("optim")) and not s.get("use_peft"):
             out.append(("--optim adamw_bnb_8bit", {"optim": "adamw_bnb_8bit"}))
+        if stage == "dpo" and int(s.get("per_device_eval_batch_size") or 8) > 1:
+            out.append(("--per_device_eval_batch_size 1", {"per_device_eval_batch_size": 1}))
         if stage in ("sft", "reward", "dpo"):
             T = int(s.get("max_length") or 1024)
             if T > 256:
@@ -951,6 +1029,8 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
             if not s.get("reward_load_in_8bit"):
                 out.append(("--reward_load_in_8bit true", {"reward_load_in_8bit": True}))
     elif stage == "ppo":
+        if int(s.get("eval_prompts") or 0) > 0:
+            out.append(("--eval_prompts 0", {"eval_prompts": 0}))
         if not s.get("reward_load_in_8bit"):
             out.append(("--reward_load_in_8bit true", {"reward_load_in_8bit": True}))
         R = int(s["rollout_batch_size"])

@@ -203,7 +203,12 @@ def model_config(model: str, config: Path, where: str, seen: tuple = ()) -> dict
     src = s.get("model_name_or_path")
     if not src:
         raise UserError(f"{y}: no model_name_or_path; cannot follow {model} back to its model")
-    return model_config(str(src), y, f"{y}: model_name_or_path", seen + (y,))
+    config = dict(model_config(str(src), y, f"{y}: model_name_or_path", seen + (y,)))
+    # alignment.modeling.save_stage_outputs merges into a fresh copy in the training dtype, fp32 after 8/4-bit training
+    quantized = s.get("load_in_4bit") or s.get("load_in_8bit")
+    dtype = str(s.get("dtype") or "float32")
+    config["torch_dtype"] = "float32" if quantized else config.get("torch_dtype") if dtype == "auto" else dtype
+    return config
 
 
 def shapes_for(stage: str, settings: dict, config: Path) -> dict[str, mem.ModelShape]:
