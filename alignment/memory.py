@@ -1064,27 +1064,39 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
 
 
 def suggestions(stage: str, settings: dict, shapes: dict, budget: float, num_processes: int = 1,
-                sharding: str = "none", limit: int = 4) -> list[tuple[str, float]]:
-    """Cumulative knob settings (flags, new peak) that bring the estimate under `budget`; the first that fits ends
-    the list. Each step keeps the previous ones (halving the micro-batch twice, then 4-bit...)."""
-    out = []
-    cur = dict(settings)
-    flags: dict[str, str] = {}
+                sharding: str = "none", limit: int = 6) -> list[tuple[str, float]]:
+    """Settings that bring the estimate under `budget`, as (command-line flags, new peak).
+
+    Knobs are added one at a time in the order of `knobs` (each keeps the previous ones) until the estimate fits;
+    then any knob the fit does not need is dropped again. Returns the steps tried, the last one fitting if any."""
+    def peak(changes: list[dict]) -> float:
+        merged = dict(settings)
+        for c in changes:
+            merged.update(c)
+        return estimate(stage, merged, shapes, num_processes, sharding).peak
+
+    chosen: list[tuple[str, dict]] = []
+    out: list[tuple[str, float]] = []
+    before = peak([])
     for flag, change in knobs(stage, settings, shapes):
-        trial = {**cur, **change}
         try:
-            peak = estimate(stage, trial, shapes, num_processes, sharding).peak
+            now = peak([c for _, c in chosen] + [change])
         except UserError:
             continue
-        before = estimate(stage, cur, shapes, num_processes, sharding).peak
-        if peak >= before - 1 * MiB:
+        if now >= before - MiB:
             continue
-        cur = trial
-        for part in re.findall(r"--\S+ \S+", flag):
-            flags[part.split()[0]] = part
-        out.append((" ".join(flags.values()), peak))
-        if peak <= budget or len(out) >= limit:
+        # a knob replaces an earlier one on the same keys (halving the batch again)
+        chosen = [(f, c) for f, c in chosen if not set(c) & set(change)] + [(flag, change)]
+        before = now
+        out.append((" ".join(f for f, _ in chosen), now))
+        if now <= budget or len(out) >= limit:
             break
+    if out and out[-1][1] <= budget:
+        for item in list(chosen):
+            rest = [x for x in chosen if x is not item]
+            if peak([c for _, c in rest]) <= budget:
+                chosen = rest
+        out.append((" ".join(f for f, _ in chosen), peak([c for _, c in chosen])))
     return out
 
 

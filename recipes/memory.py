@@ -17,6 +17,8 @@ Options of this command (everything else is a key of the stage's config):
   --gpu_memory SIZE     also judge a card of this size (e.g. 20GB)
   --num_processes N     processes (GPUs); default from the YAML's first line (--nproc_per_node / --num_processes)
   --sharding MODE       none (DDP replicates), fsdp or zero3 (shard weights, gradients, optimizer states over N)
+  --accelerate_config F an `accelerate launch --config_file` YAML (recipes/accelerate/): its num_processes and
+                        distributed_type set the two above (default: the file named on the YAML's first line)
   --prompt_length N     prompt tokens assumed by generation stages (ppo, rloo, grpo, pairs) and eval windows
 """
 
@@ -86,6 +88,21 @@ def processes_from_header(path: Path) -> int:
     return int(m.group(1)) if m else 1
 
 
+def accelerate_setup(path: Path) -> tuple[int, str]:
+    """(processes, sharding) of an accelerate config file: MULTI_GPU -> none, FSDP -> fsdp, DeepSpeed ZeRO-3 -> zero3."""
+    cfg = read_yaml(path)
+    kind = str(cfg.get("distributed_type", "NO")).upper()
+    zero = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)
+    if kind == "DEEPSPEED" and zero != 3:
+        raise UserError(f"{path}: DeepSpeed zero_stage {zero}; the estimate models stage 3 (or none)")
+    sharding = {"FSDP": "fsdp", "DEEPSPEED": "zero3"}.get(kind, "none")
+    try:
+        n = int(cfg.get("num_processes", 1))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: num_processes {cfg.get('num_processes')!r}; expected a whole number") from None
+    return n, sharding
+
+
 def parse_args(argv: list[str]) -> MemoryArgs:
     """--config and this command's options; every other --key value overrides the stage config."""
     own: dict[str, str] = {}
@@ -102,7 +119,7 @@ def parse_args(argv: list[str]) -> MemoryArgs:
             value = argv[i + 1]
             i += 1
         i += 1
-        if key in ("config", "stage", "gpu_memory", "num_processes", "sharding"):
+        if key in ("config", "stage", "gpu_memory", "num_processes", "sharding", "accelerate_config"):
             own[key] = value
         else:
             try:
@@ -117,11 +134,21 @@ def parse_args(argv: list[str]) -> MemoryArgs:
     if stage is None:
         raise UserError(f"{path}: cannot tell the stage (first line is not `# align <stage> --config ...`); pass --stage NAME")
     gpu = mem.parse_size(own["gpu_memory"]) if "gpu_memory" in own else None
+    n, sharding = processes_from_header(path), "none"
+    launch = own.get("accelerate_config") or accelerate_from_header(path)
+    if launch:
+        n, sharding = accelerate_setup(Path(launch))
     try:
-        n = int(own.get("num_processes", processes_from_header(path)))
+        n = int(own.get("num_processes", n))
     except ValueError:
         raise UserError(f"--num_processes: {own['num_processes']!r}; expected a whole number") from None
-    return MemoryArgs(path, stage, {**settings, **overrides}, gpu, n, own.get("sharding", "none"), overrides)
+    return MemoryArgs(path, stage, {**settings, **overrides}, gpu, n, own.get("sharding", sharding), overrides)
+
+
+def accelerate_from_header(path: Path) -> str | None:
+    """The accelerate config named on the YAML's first line (`accelerate launch --config_file F ...`)."""
+    m = re.search(r"accelerate launch .*--config_file[ =](\S+)", command_line(path))
+    return m.group(1) if m else None
 
 
 # ------------------------------------------------------------------------------------------------------------------
