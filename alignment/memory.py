@@ -321,8 +321,9 @@ class Precision:
         return self.weight in ("int8", "nf4", "nf4-dq")
 
     @property
-    def attention(self) -> int:
-        """Bytes of q, k, v and the attention output that SDPA keeps: bf16 under autocast, else the compute dtype."""
+    def mm(self) -> int:
+        """Bytes of what an autocast-aware op makes (SDPA's q, k, v and output, the fused head's logit tiles): bf16
+        under autocast, else the compute dtype. bitsandbytes' matmuls are not autocast-aware (see `compute`)."""
         return 2 if self.autocast else self.compute
 
     @property
@@ -476,7 +477,7 @@ def layer_saved_per_token(shape: ModelShape, prec: Precision, lora: Lora | None,
     adapter. Liger's fused RMSNorm keeps its input in the residual dtype only, and its fused SwiGLU recomputes silu
     in backward (3 x I). Verified against traced steps (benchmarks/memory_trace.py)."""
     H, I, Q, K = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
-    s, r, sa = prec.compute, prec.residual, prec.attention
+    s, r, sa = prec.compute, prec.residual, prec.mm
     full = lora is None
     norm = (r * H + 4) if liger else (4 * H + 4 + (r * H if full else 0))
     lin_inputs = 0
@@ -564,7 +565,7 @@ def fused_head_terms(shape: ModelShape, prec: Precision, N: int, head_trains: bo
     and, when the head trains (full fine-tuning), an fp32 gradient of the whole head (V x H) plus its cast.
     The tile is allocated at full width even when the vocabulary is smaller than 32768."""
     H, V = shape.hidden_size, shape.vocab_size
-    s = prec.compute
+    s = prec.mm
     tile = min(N, TOKEN_TILE) * VOCAB_TILE * s
     chunk_cast = (min(V, VOCAB_TILE) * H * s if prec.other != s else 0) + (min(N, TOKEN_TILE) * H * s if prec.residual != s else 0)
     terms = [Term(f"logits tile {min(N, TOKEN_TILE)} x {VOCAB_TILE} (TRL fused LM head; full logits never exist)",
