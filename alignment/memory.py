@@ -50,26 +50,73 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2
 # The keys each stage reads, with the defaults of its config classes (TRL 1.16's SFTConfig/DPOConfig/RewardConfig/
 # RLOOConfig/GRPOConfig and ModelConfig, alignment.ppo.PPOHyper + recipes/ppo.py, recipes/pairs.py, evals/harness.py,
 # pretrain/train.py). tests/test_memory.py checks them against the real dataclasses.
-_MODEL = {"dtype": "float32", "use_peft": False, "lora_r": 16, "lora_dropout": 0.05, "lora_target_modules": None,
-          "load_in_8bit": False, "load_in_4bit": False, "bnb_4bit_quant_type": "nf4"}
-_TRL = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
-        "bf16": None, "fp16": False, "optim": "adamw_torch_fused", "use_liger_kernel": False}
+_MODEL = {
+    "dtype": "float32",
+    "use_peft": False,
+    "lora_r": 16,
+    "lora_dropout": 0.05,
+    "lora_target_modules": None,
+    "load_in_8bit": False,
+    "load_in_4bit": False,
+    "bnb_4bit_quant_type": "nf4",
+}
+_TRL = {
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": True,
+    "bf16": None,
+    "fp16": False,
+    "optim": "adamw_torch_fused",
+    "use_liger_kernel": False,
+}
 STAGE_DEFAULTS: dict[str, dict] = {
     "sft": {**_MODEL, **_TRL, "max_length": 1024, "per_device_eval_batch_size": 8},
     "reward": {**_MODEL, **_TRL, "max_length": 1024, "score_batch_size": 16},
     "dpo": {**_MODEL, **_TRL, "max_length": 1024, "per_device_eval_batch_size": 8, "precompute_ref_batch_size": None},
-    "rloo": {**_MODEL, **_TRL, "num_generations": 2, "max_completion_length": 512, "beta": 0.05,
-             "steps_per_generation": None, "generation_batch_size": None, "reward_load_in_8bit": False,
-             "reward_batch_size": 16},
-    "grpo": {**_MODEL, **_TRL, "num_generations": 8, "max_completion_length": 512, "beta": 0.0,
-             "steps_per_generation": None, "generation_batch_size": None, "reward_load_in_8bit": False,
-             "reward_batch_size": 16},
-    "ppo": {**_MODEL, "rollout_batch_size": 16, "mini_batch_size": 8, "gradient_accumulation_steps": 1,
-            "response_length": 32, "reward_load_in_8bit": False, "reward_batch_size": 16, "value_model": "policy",
-            "eval_prompts": 32},
+    "rloo": {
+        **_MODEL,
+        **_TRL,
+        "num_generations": 2,
+        "max_completion_length": 512,
+        "beta": 0.05,
+        "steps_per_generation": None,
+        "generation_batch_size": None,
+        "reward_load_in_8bit": False,
+        "reward_batch_size": 16,
+    },
+    "grpo": {
+        **_MODEL,
+        **_TRL,
+        "num_generations": 8,
+        "max_completion_length": 512,
+        "beta": 0.0,
+        "steps_per_generation": None,
+        "generation_batch_size": None,
+        "reward_load_in_8bit": False,
+        "reward_batch_size": 16,
+    },
+    "ppo": {
+        **_MODEL,
+        "rollout_batch_size": 16,
+        "mini_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "response_length": 32,
+        "reward_load_in_8bit": False,
+        "reward_batch_size": 16,
+        "value_model": "policy",
+        "eval_prompts": 32,
+    },
     "pairs": {"num_samples": 8, "max_new_tokens": 48, "batch_size": 16, "reward_model": None},
-    "eval": {"load_in_8bit": False, "load_in_4bit": False, "tasks": ["perplexity", "mmlu"], "batch_size": 16,
-             "num_samples": 1, "max_new_tokens": 64, "reward_model": None, "reference_model": None},
+    "eval": {
+        "load_in_8bit": False,
+        "load_in_4bit": False,
+        "tasks": ["perplexity", "mmlu"],
+        "batch_size": 16,
+        "num_samples": 1,
+        "max_new_tokens": 64,
+        "reward_model": None,
+        "reference_model": None,
+    },
     "pretrain": {"batch_size": 16, "seq_len": 256, "grad_accum": 1, "dtype": "auto", "fsdp": False},
 }
 STAGES = tuple(STAGE_DEFAULTS)
@@ -112,8 +159,15 @@ class ModelShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer, by its Hugging Face name."""
         H, I = self.hidden_size, self.intermediate_size
-        return {"q_proj": (H, self.q_dim), "k_proj": (H, self.kv_dim), "v_proj": (H, self.kv_dim),
-                "o_proj": (self.q_dim, H), "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+        return {
+            "q_proj": (H, self.q_dim),
+            "k_proj": (H, self.kv_dim),
+            "v_proj": (H, self.kv_dim),
+            "o_proj": (self.q_dim, H),
+            "gate_proj": (H, I),
+            "up_proj": (H, I),
+            "down_proj": (I, H),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -149,7 +203,9 @@ def shape_from_config(config: dict, where: str = "config.json") -> ModelShape:
     cfg = dict(config.get("text_config") or config)
     mt = cfg.get("model_type")
     if mt not in ARCHITECTURES:
-        raise UserError(f"{where}: model_type {mt!r} is not a supported architecture; expected one of {', '.join(ARCHITECTURES)}")
+        raise UserError(
+            f"{where}: model_type {mt!r} is not a supported architecture; expected one of {', '.join(ARCHITECTURES)}"
+        )
     need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
     if missing:
@@ -157,13 +213,19 @@ def shape_from_config(config: dict, where: str = "config.json") -> ModelShape:
     nh = cfg["num_attention_heads"]
     tie_default = mt in ("gemma", "gemma2")
     return ModelShape(
-        model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=nh, num_key_value_heads=cfg.get("num_key_value_heads") or nh,
+        model_type=mt,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=nh,
+        num_key_value_heads=cfg.get("num_key_value_heads") or nh,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // nh,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", tie_default)),
-        qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias")), o_bias=mt != "qwen2" and bool(cfg.get("attention_bias")),
-        mlp_bias=bool(cfg.get("mlp_bias")), qk_norm=mt in ("qwen3", "olmo2"),
+        qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias")),
+        o_bias=mt != "qwen2" and bool(cfg.get("attention_bias")),
+        mlp_bias=bool(cfg.get("mlp_bias")),
+        qk_norm=mt in ("qwen3", "olmo2"),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
     )
@@ -190,7 +252,7 @@ def find_model_config(name_or_path: str, search: list[Path] | None = None) -> Pa
             cached = try_to_load_from_cache(str(name_or_path), "config.json")
             if isinstance(cached, str) and Path(cached).is_file():
                 return Path(cached)
-        except Exception:  # an invalid repo id is simply not in the cache
+        except (ImportError, ValueError, OSError):  # an invalid repo id is simply not in the cache
             return None
     return None
 
@@ -199,8 +261,10 @@ def model_config(name_or_path: str, where: str = "model_name_or_path") -> dict:
     """The config.json mapping of a local model directory or a hub name (shipped config or HF cache)."""
     path = find_model_config(name_or_path)
     if path is None:
-        raise UserError(f"{where}: {name_or_path}: no config.json (not a model directory, not shipped under "
-                        f"recipes/models/, not in the Hugging Face cache); expected a model with a config.json")
+        raise UserError(
+            f"{where}: {name_or_path}: no config.json (not a model directory, not shipped under "
+            f"recipes/models/, not in the Hugging Face cache); expected a model with a config.json"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -293,8 +357,10 @@ class Estimate:
 
 def overhead_terms(allocated: float) -> list[Term]:
     """CUDA context (fixed) + caching-allocator slack (a fraction of the allocated peak: blocks split and cached)."""
-    return [Term("CUDA context (driver, cuBLAS, kernels)", CUDA_CONTEXT, "overhead"),
-            Term(f"allocator fragmentation ({ALLOCATOR_SLACK:.0%} of allocated)", ALLOCATOR_SLACK * allocated, "overhead")]
+    return [
+        Term("CUDA context (driver, cuBLAS, kernels)", CUDA_CONTEXT, "overhead"),
+        Term(f"allocator fragmentation ({ALLOCATOR_SLACK:.0%} of allocated)", ALLOCATOR_SLACK * allocated, "overhead"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -385,8 +451,12 @@ def lora_of(settings: dict, prec: Precision) -> Lora | None:
     targets = settings.get("lora_target_modules") or LORA_TARGETS
     if isinstance(targets, str):
         targets = LORA_TARGETS if targets == "all-linear" else [targets]
-    return Lora(int(settings.get("lora_r") or 16), tuple(targets), float(settings.get("lora_dropout") or 0.0),
-                2 if prec.quantized else 4)
+    return Lora(
+        int(settings.get("lora_r") or 16),
+        tuple(targets),
+        float(settings.get("lora_dropout") or 0.0),
+        2 if prec.quantized else 4,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -403,7 +473,13 @@ def weight_terms(shape: ModelShape, prec: Precision, kind: str = "causal", role:
     rest = shape.small_params + shape.embed_params + shape.head_params(kind)
     lin = shape.linear_params
     if prec.weight in DTYPE_BYTES:
-        return [Term(f"{who}weights {prec.weight} ({(lin + rest) / 1e9:.2f}B params)", (lin + rest) * DTYPE_BYTES[prec.weight], "weights")]
+        return [
+            Term(
+                f"{who}weights {prec.weight} ({(lin + rest) / 1e9:.2f}B params)",
+                (lin + rest) * DTYPE_BYTES[prec.weight],
+                "weights",
+            )
+        ]
     if prec.weight == "int8":
         rows = shape.num_hidden_layers * sum(o for _, o in shape.linears().values())
         q = Term(f"{who}linear layers 8-bit ({lin / 1e9:.2f}B params + row scales)", lin * 1 + rows * 4, "weights")
@@ -463,8 +539,9 @@ def lora_saved_per_token(d_in: int, lora: Lora, prec: Precision, first_of_group:
     return mask + x_in + (2 if prec.autocast else a) * lora.r
 
 
-def layer_saved_per_token(shape: ModelShape, prec: Precision, lora: Lora | None, T: int,
-                          liger: bool = False, padded: bool = True) -> float:
+def layer_saved_per_token(
+    shape: ModelShape, prec: Precision, lora: Lora | None, T: int, liger: bool = False, padded: bool = True
+) -> float:
     """Bytes one decoder layer keeps for backward per token of the micro-batch (no checkpointing).
 
     RMSNorm (x2): the fp32 copy of its input (4H) and 1/rms (4), plus its output for the gain's gradient when the gain
@@ -495,7 +572,9 @@ def layer_saved_per_token(shape: ModelShape, prec: Precision, lora: Lora | None,
         lin = shape.linears()
         # k/v read q's input and up reads gate's; o's input is the attention output SDPA keeps already
         first = {"k_proj": False, "v_proj": False, "up_proj": False, "o_proj": lora.param_bytes != s}
-        adapters = sum(lora_saved_per_token(lin[t][0], lora, prec, first.get(t, True)) for t in lora.targets if t in lin)
+        adapters = sum(
+            lora_saved_per_token(lin[t][0], lora, prec, first.get(t, True)) for t in lora.targets if t in lin
+        )
     return 2 * norm + lin_inputs + attn + mlp + adapters
 
 
@@ -517,8 +596,16 @@ def layer_backward_temp_per_token(shape: ModelShape, prec: Precision, lora: Lora
     return temp
 
 
-def activation_terms(shape: ModelShape, prec: Precision, lora: Lora | None, B: int, T: int, checkpointing: bool,
-                     liger: bool = False, padded: bool = True) -> tuple[list[Term], list[Term]]:
+def activation_terms(
+    shape: ModelShape,
+    prec: Precision,
+    lora: Lora | None,
+    B: int,
+    T: int,
+    checkpointing: bool,
+    liger: bool = False,
+    padded: bool = True,
+) -> tuple[list[Term], list[Term]]:
     """Activations of one micro-batch of B sequences x T tokens: (kept at the start of backward, the extra peak of a
     layer's backward).
 
@@ -533,14 +620,29 @@ def activation_terms(shape: ModelShape, prec: Precision, lora: Lora | None, B: i
     temp = layer_backward_temp_per_token(shape, prec, lora)
     copies = autocast_weight_copies(shape, prec)
     if checkpointing:
-        kept = [Term(f"activations: {B} x {T} tokens, checkpointed layer inputs ({L} layers)",
-                     N * L * prec.residual * shape.hidden_size, "activations")]
+        kept = [
+            Term(
+                f"activations: {B} x {T} tokens, checkpointed layer inputs ({L} layers)",
+                N * L * prec.residual * shape.hidden_size,
+                "activations",
+            )
+        ]
         # full fine-tuning reaches its peak at the first layer, whose gradient buffers replace freed activations
-        backward = [Term(f"one layer recomputed in backward ({per_layer / 1024:.1f} KiB/token) + gradient buffers",
-                         N * (per_layer + (temp if lora is not None else 0)) + copies / L, "activations")]
+        backward = [
+            Term(
+                f"one layer recomputed in backward ({per_layer / 1024:.1f} KiB/token) + gradient buffers",
+                N * (per_layer + (temp if lora is not None else 0)) + copies / L,
+                "activations",
+            )
+        ]
     else:
-        kept = [Term(f"activations: {B} x {T} tokens x {L} layers ({per_layer / 1024:.1f} KiB/token/layer)",
-                     N * L * per_layer, "activations")]
+        kept = [
+            Term(
+                f"activations: {B} x {T} tokens x {L} layers ({per_layer / 1024:.1f} KiB/token/layer)",
+                N * L * per_layer,
+                "activations",
+            )
+        ]
         if copies:
             kept.append(Term("bf16 copies of the fp32 weights made by autocast", copies, "activations"))
         backward = [Term("a layer's gradient buffers in backward", N * temp, "activations")]
@@ -551,7 +653,13 @@ def final_norm_terms(shape: ModelShape, prec: Precision, N: int, full: bool) -> 
     """The final RMSNorm's saved tensors (fp32 input copy, 1/rms, its output when its gain trains) and the copy of
     the hidden states the head reads; freed once the head's backward is done, before the layers' backward."""
     H, r = shape.hidden_size, prec.residual
-    return [Term("final norm and the hidden states the head reads", N * (4 * H + 4 + (r * H if full else 0) + r * H), "activations")]
+    return [
+        Term(
+            "final norm and the hidden states the head reads",
+            N * (4 * H + 4 + (r * H if full else 0) + r * H),
+            "activations",
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -567,10 +675,17 @@ def fused_head_terms(shape: ModelShape, prec: Precision, N: int, head_trains: bo
     H, V = shape.hidden_size, shape.vocab_size
     s = prec.mm
     tile = min(N, TOKEN_TILE) * VOCAB_TILE * s
-    chunk_cast = (min(V, VOCAB_TILE) * H * s if prec.other != s else 0) + (min(N, TOKEN_TILE) * H * s if prec.residual != s else 0)
-    terms = [Term(f"logits tile {min(N, TOKEN_TILE)} x {VOCAB_TILE} (TRL fused LM head; full logits never exist)",
-                  tile + chunk_cast, "logits"),
-             Term("hidden-state gradient from the head (fp32 + cast)", N * H * (4 + prec.residual), "logits")]
+    chunk_cast = (min(V, VOCAB_TILE) * H * s if prec.other != s else 0) + (
+        min(N, TOKEN_TILE) * H * s if prec.residual != s else 0
+    )
+    terms = [
+        Term(
+            f"logits tile {min(N, TOKEN_TILE)} x {VOCAB_TILE} (TRL fused LM head; full logits never exist)",
+            tile + chunk_cast,
+            "logits",
+        ),
+        Term("hidden-state gradient from the head (fp32 + cast)", N * H * (4 + prec.residual), "logits"),
+    ]
     if head_trains:
         w = prec.other
         terms.append(Term(f"head gradient fp32 ({V} x {H}) + cast", V * H * (4 + w), "logits"))
@@ -585,9 +700,20 @@ def full_logits_terms(shape: ModelShape, prec: Precision, B: int, T: int, R: int
     V, s = shape.vocab_size, prec.logits
     full = B * T * V * s
     if train:
-        return [Term(f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 log-softmax of {R} positions and its backward",
-                     full + 12 * B * R * V, "logits")]
-    return [Term(f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 copies of {R} positions (no grad)", full + 8 * B * R * V, "logits")]
+        return [
+            Term(
+                f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 log-softmax of {R} positions and its backward",
+                full + 12 * B * R * V,
+                "logits",
+            )
+        ]
+    return [
+        Term(
+            f"logits {B} x {T} x {V} ({s * 8}-bit) + fp32 copies of {R} positions (no grad)",
+            full + 8 * B * R * V,
+            "logits",
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -607,17 +733,28 @@ def forward_transient_per_token(shape: ModelShape, prec: Precision) -> float:
     return 3 * prec.residual * H + 4 + prec.compute * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * prec.compute * I
 
 
-def generation_terms(shape: ModelShape, prec: Precision, B: int, P: int, R: int, who: str,
-                     padded: bool = True) -> list[Term]:
+def generation_terms(
+    shape: ModelShape, prec: Precision, B: int, P: int, R: int, who: str, padded: bool = True
+) -> list[Term]:
     """model.generate for B sequences of P prompt + R new tokens: the larger of the prefill (one layer's transients
     over B x P tokens, the (B, 1, P, P) mask of a left-padded batch, the KV cache of the prompt) and the last decoding
     step (the KV cache at P + R tokens and fp32 next-token scores, B x V; logits exist for the last position only)."""
-    prefill = [Term(f"{who} prefill of {B} x {P} prompt tokens (one layer at a time)",
-                    B * P * (forward_transient_per_token(shape, prec) + (prec.compute * P if padded else 0)), "activations"),
-               Term(f"{who} KV cache of the prompt ({B} x {P} tokens)", kv_cache_bytes(shape, prec, B, P), "kv")]
-    last = [Term(f"{who} KV cache: {B} sequences x {P + R} tokens", kv_cache_bytes(shape, prec, B, P + R), "kv"),
-            Term(f"{who} next-token scores ({B} x {shape.vocab_size}, fp32) and one layer's step",
-                 3 * B * shape.vocab_size * 4 + B * forward_transient_per_token(shape, prec), "logits")]
+    prefill = [
+        Term(
+            f"{who} prefill of {B} x {P} prompt tokens (one layer at a time)",
+            B * P * (forward_transient_per_token(shape, prec) + (prec.compute * P if padded else 0)),
+            "activations",
+        ),
+        Term(f"{who} KV cache of the prompt ({B} x {P} tokens)", kv_cache_bytes(shape, prec, B, P), "kv"),
+    ]
+    last = [
+        Term(f"{who} KV cache: {B} sequences x {P + R} tokens", kv_cache_bytes(shape, prec, B, P + R), "kv"),
+        Term(
+            f"{who} next-token scores ({B} x {shape.vocab_size}, fp32) and one layer's step",
+            3 * B * shape.vocab_size * 4 + B * forward_transient_per_token(shape, prec),
+            "logits",
+        ),
+    ]
     return max(prefill, last, key=lambda ts: sum(t.bytes for t in ts))
 
 
@@ -655,23 +792,40 @@ def _autocast(settings: dict, stage: str) -> bool:
     return bool(_get(settings, stage, "fp16")) or (bf16 is None or bool(bf16))
 
 
-def _trainable(stage: str, settings: dict, shape: ModelShape, kind: str, autocast: bool, n: int, sharding: str
-               ) -> tuple[Precision, Lora | None, list[Term], list[Term]]:
+def _trainable(
+    stage: str, settings: dict, shape: ModelShape, kind: str, autocast: bool, n: int, sharding: str
+) -> tuple[Precision, Lora | None, list[Term], list[Term]]:
     """The trained model of a TRL-style stage: (precision, lora, resident terms, gradient terms)."""
     quant = quant_of(settings)
     if quant and not settings.get("use_peft"):
-        raise UserError("config: load_in_8bit/load_in_4bit need use_peft: true (quantized weights cannot be trained directly)")
+        raise UserError(
+            "config: load_in_8bit/load_in_4bit need use_peft: true (quantized weights cannot be trained directly)"
+        )
     prec = precision(str(_get(settings, stage, "dtype")), shape, quant, autocast)
     lora = lora_of(settings, prec)
     count, pbytes = trainable_params(shape, lora, kind)
     if lora is None:
         pbytes = DTYPE_BYTES[prec.weight]
     optim = str(_get(settings, stage, "optim") or "adamw_torch_fused")
-    label = f"LoRA r={lora.r} ({count / 1e6:.1f}M params, {'bf16' if lora.param_bytes == 2 else 'fp32'})" if lora else "full fine-tuning"
-    opt_label = "8-bit AdamW states (2 x 1 byte)" if "8bit" in optim else f"AdamW states (2 x {'fp32' if pbytes == 4 else 'bf16'})"
+    label = (
+        f"LoRA r={lora.r} ({count / 1e6:.1f}M params, {'bf16' if lora.param_bytes == 2 else 'fp32'})"
+        if lora
+        else "full fine-tuning"
+    )
+    opt_label = (
+        "8-bit AdamW states (2 x 1 byte)"
+        if "8bit" in optim
+        else f"AdamW states (2 x {'fp32' if pbytes == 4 else 'bf16'})"
+    )
     resident = weight_terms(shape, prec, kind)
     if lora is not None:
-        resident.append(Term(f"LoRA adapters r={lora.r} on {len(lora.targets)} projections ({count / 1e6:.1f}M params)", count * pbytes, "lora"))
+        resident.append(
+            Term(
+                f"LoRA adapters r={lora.r} on {len(lora.targets)} projections ({count / 1e6:.1f}M params)",
+                count * pbytes,
+                "lora",
+            )
+        )
     resident.append(Term(f"{opt_label} for {label}", optimizer_bytes(count, pbytes, optim), "optimizer"))
     grads = [Term(f"gradients of the {count / 1e6:.1f}M trainable params", count * pbytes, "grads")]
     if sharding in ("fsdp", "zero3") and n > 1:
@@ -686,8 +840,19 @@ def _trainable(stage: str, settings: dict, shape: ModelShape, kind: str, autocas
     return prec, lora, resident, grads
 
 
-def _train_phase(name: str, shape: ModelShape, prec: Precision, lora: Lora | None, B: int, T: int, ckpt: bool,
-                 liger: bool, head: str, grads: list[Term], accumulate: bool) -> Phase:
+def _train_phase(
+    name: str,
+    shape: ModelShape,
+    prec: Precision,
+    lora: Lora | None,
+    B: int,
+    T: int,
+    ckpt: bool,
+    liger: bool,
+    head: str,
+    grads: list[Term],
+    accumulate: bool,
+) -> Phase:
     """A training micro-batch: the activations kept for backward, then the larger of the head's backward (which
     runs first) and one layer's backward; plus the gradients when they live across micro-batches."""
     kept, layer_bwd = activation_terms(shape, prec, lora, B, T, ckpt, liger)
@@ -731,20 +896,45 @@ def _sft_like(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -
     liger = bool(_get(settings, stage, "use_liger_kernel"))
     accumulate = _int(settings, stage, "gradient_accumulation_steps") > 1
     head = "score" if stage == "reward" else "fused"
-    phases = [_train_phase(f"training micro-batch ({seqs} sequences x {T} tokens)", shape, prec, lora, seqs, T, ckpt,
-                           liger, head, grads, accumulate), _optimizer_phase(grads)]
+    phases = [
+        _train_phase(
+            f"training micro-batch ({seqs} sequences x {T} tokens)",
+            shape,
+            prec,
+            lora,
+            seqs,
+            T,
+            ckpt,
+            liger,
+            head,
+            grads,
+            accumulate,
+        ),
+        _optimizer_phase(grads),
+    ]
     notes = []
     if stage == "dpo":
         eb = _int(settings, stage, "per_device_eval_batch_size")
         # recipes/dpo.py completion_logps: model(...).logits.float() on the device for held-out pairs
-        phases.append(Phase(f"held-out log-probs after training ({eb} sequences, full logits)",
-                            [Term(f"logits {eb} x {T} x {shape.vocab_size} + fp32 copy (recipes/dpo.py completion_logps)",
-                                  eb * T * shape.vocab_size * (prec.other + (4 if prec.other != 4 else 0)), "logits")] +
-                            scoring_terms(shape, prec, eb, T, "policy")))
+        phases.append(
+            Phase(
+                f"held-out log-probs after training ({eb} sequences, full logits)",
+                [
+                    Term(
+                        f"logits {eb} x {T} x {shape.vocab_size} + fp32 copy (recipes/dpo.py completion_logps)",
+                        eb * T * shape.vocab_size * (prec.other + (4 if prec.other != 4 else 0)),
+                        "logits",
+                    )
+                ]
+                + scoring_terms(shape, prec, eb, T, "policy"),
+            )
+        )
         notes.append("DPO: reference log-probs are precomputed and cached (no reference model in memory)")
     if stage == "reward":
         sb = _int(settings, stage, "score_batch_size")
-        phases.append(Phase(f"held-out accuracy scoring ({sb} sequences)", scoring_terms(shape, prec, sb, T, "reward model")))
+        phases.append(
+            Phase(f"held-out accuracy scoring ({sb} sequences)", scoring_terms(shape, prec, sb, T, "reward model"))
+        )
     return Estimate(stage, resident, phases, notes, n, sharding)
 
 
@@ -774,20 +964,34 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     count, pbytes = trainable_params(shape, lora, "causal")
     pbytes = pbytes or DTYPE_BYTES[prec.weight]
     if lora is not None:
-        resident.append(Term(f"policy LoRA adapters r={lora.r} ({count / 1e6:.1f}M params, fp32)", count * pbytes, "lora"))
+        resident.append(
+            Term(f"policy LoRA adapters r={lora.r} ({count / 1e6:.1f}M params, fp32)", count * pbytes, "lora")
+        )
     else:
-        resident += [replace(t, label=t.label.replace("policy", "reference (frozen copy)"), kind="models")
-                     for t in weight_terms(shape, prec, "causal", "reference")]
+        resident += [
+            replace(t, label=t.label.replace("policy", "reference (frozen copy)"), kind="models")
+            for t in weight_terms(shape, prec, "causal", "reference")
+        ]
     value = shapes.get("value")
     vcount = shape.hidden_size + 1
     if value is not None:
         vprec = precision("float32", value)
         resident += [replace(t, kind="models") for t in weight_terms(value, vprec, "causal", "value trunk")]
         vcount += value.params("causal") - value.head_params("causal")
-    resident.append(Term(f"value head{' + trunk' if value is not None else ''} ({vcount / 1e6:.2f}M params, fp32)",
-                         vcount * 4 if value is None else (shape.hidden_size + 1) * 4, "lora"))
-    resident.append(Term(f"AdamW states (2 x fp32) for {(count + vcount) / 1e6:.1f}M trainable params",
-                         2 * (count * pbytes + vcount * 4), "optimizer"))
+    resident.append(
+        Term(
+            f"value head{' + trunk' if value is not None else ''} ({vcount / 1e6:.2f}M params, fp32)",
+            vcount * 4 if value is None else (shape.hidden_size + 1) * 4,
+            "lora",
+        )
+    )
+    resident.append(
+        Term(
+            f"AdamW states (2 x fp32) for {(count + vcount) / 1e6:.1f}M trainable params",
+            2 * (count * pbytes + vcount * 4),
+            "optimizer",
+        )
+    )
     rm_shape = shapes["reward"]
     rm_prec, rm_terms = _reward_model_terms(settings, stage, rm_shape)
     resident += [replace(t, kind="models") for t in rm_terms]
@@ -799,19 +1003,41 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     accum = max(1, _int(settings, stage, "gradient_accumulation_steps"))
     micro = max(1, _int(settings, stage, "mini_batch_size") // accum)
     T = P + R
-    phases = [Phase(f"rollout: sampling {Bro} responses", generation_terms(shape, prec, Bro, P, R, "policy")),
-              Phase(f"experience forward over the whole rollout batch ({Bro} x {T} tokens)",
-                    [Term(f"hidden states of {shape.num_hidden_layers + 1} layers (output_hidden_states)",
-                          Bro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size, "activations")] +
-                    max(full_logits_terms(shape, prec, Bro, T, R, train=False), scoring_terms(shape, prec, Bro, T, "policy"),
-                        key=lambda ts: sum(t.bytes for t in ts))),
-              Phase(f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-                    scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"))]
-    kept, layer_bwd = activation_terms(shape, prec, lora, micro, T, checkpointing=False)
+    phases = [
+        Phase(f"rollout: sampling {Bro} responses", generation_terms(shape, prec, Bro, P, R, "policy")),
+        Phase(
+            f"experience forward over the whole rollout batch ({Bro} x {T} tokens)",
+            [
+                Term(
+                    f"hidden states of {shape.num_hidden_layers + 1} layers (output_hidden_states)",
+                    Bro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size,
+                    "activations",
+                )
+            ]
+            + max(
+                full_logits_terms(shape, prec, Bro, T, R, train=False),
+                scoring_terms(shape, prec, Bro, T, "policy"),
+                key=lambda ts: sum(t.bytes for t in ts),
+            ),
+        ),
+        Phase(
+            f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
+            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"),
+        ),
+    ]
+    kept, _ = activation_terms(shape, prec, lora, micro, T, checkpointing=False)
     # output_hidden_states keeps every layer's output; in fp32 the norms keep those very tensors already
     hs = 0 if prec.residual == 4 else micro * T * (shape.num_hidden_layers + 1) * prec.residual * shape.hidden_size
-    train = kept + [Term(f"hidden states of all {shape.num_hidden_layers + 1} layers returned (output_hidden_states)", hs, "activations")]
-    train += final_norm_terms(shape, prec, micro * T, lora is None) + full_logits_terms(shape, prec, micro, T, R, train=True)
+    train = kept + [
+        Term(
+            f"hidden states of all {shape.num_hidden_layers + 1} layers returned (output_hidden_states)",
+            hs,
+            "activations",
+        )
+    ]
+    train += final_norm_terms(shape, prec, micro * T, lora is None) + full_logits_terms(
+        shape, prec, micro, T, R, train=True
+    )
     if value is not None:
         train += activation_terms(value, precision("float32", value), None, micro, T, checkpointing=False)[0]
     if accum > 1:
@@ -821,12 +1047,20 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     if _int(settings, stage, "eval_prompts") > 0:
         # PPO.evaluate: held-out prompts 16 at a time, sampled and scored by policy and reference (no hidden states)
         Be = min(16, _int(settings, stage, "eval_prompts"))
-        phases.append(Phase(f"held-out evaluation ({Be} prompts at a time)",
-                            max(generation_terms(shape, prec, Be, P, R, "policy"),
-                                full_logits_terms(shape, prec, Be, T, R, train=False),
-                                key=lambda ts: sum(t.bytes for t in ts))))
-    notes = [f"prompts assumed {P} tokens (--prompt_length N to change)",
-             "the experience forward runs the whole rollout batch at once; rollout_batch_size bounds it"]
+        phases.append(
+            Phase(
+                f"held-out evaluation ({Be} prompts at a time)",
+                max(
+                    generation_terms(shape, prec, Be, P, R, "policy"),
+                    full_logits_terms(shape, prec, Be, T, R, train=False),
+                    key=lambda ts: sum(t.bytes for t in ts),
+                ),
+            )
+        )
+    notes = [
+        f"prompts assumed {P} tokens (--prompt_length N to change)",
+        "the experience forward runs the whole rollout batch at once; rollout_batch_size bounds it",
+    ]
     return Estimate(stage, resident, phases, notes, n, sharding)
 
 
@@ -853,13 +1087,20 @@ def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> 
     ckpt = bool(_get(settings, stage, "gradient_checkpointing"))
     liger = bool(_get(settings, stage, "use_liger_kernel"))
     accumulate = _int(settings, stage, "gradient_accumulation_steps") > 1
-    phases = [Phase(f"generation: {G} completions ({_int(settings, stage, 'num_generations')} per prompt)",
-                    generation_terms(shape, prec, G, P, C, "policy")),
-              Phase(f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-                    scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model")),
-              _train_phase(f"training micro-batch ({B} x {T} tokens)", shape, prec, lora, B, T, ckpt, liger, "fused",
-                           grads, accumulate),
-              _optimizer_phase(grads)]
+    phases = [
+        Phase(
+            f"generation: {G} completions ({_int(settings, stage, 'num_generations')} per prompt)",
+            generation_terms(shape, prec, G, P, C, "policy"),
+        ),
+        Phase(
+            f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
+            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"),
+        ),
+        _train_phase(
+            f"training micro-batch ({B} x {T} tokens)", shape, prec, lora, B, T, ckpt, liger, "fused", grads, accumulate
+        ),
+        _optimizer_phase(grads),
+    ]
     notes = [f"prompts assumed {P} tokens (--prompt_length N to change)"]
     return Estimate(stage, resident, phases, notes, n, sharding)
 
@@ -876,12 +1117,16 @@ def _pairs(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     R = _int(settings, stage, "max_new_tokens")
     k = _int(settings, stage, "num_samples")
     # evals.preference.sample_responses: one prompt, num_return_sequences=k, no padding
-    phases.append(Phase(f"sampling {k} answers per prompt", generation_terms(shape, prec, k, P, R, "policy", padded=False)))
+    phases.append(
+        Phase(f"sampling {k} answers per prompt", generation_terms(shape, prec, k, P, R, "policy", padded=False))
+    )
     if "reward" in shapes:
         rprec = precision("float32", shapes["reward"])
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reward"], rprec, "reward", "reward model")]
         bs = _int(settings, stage, "batch_size")
-        phases.append(Phase(f"reward scoring ({bs} sequences)", scoring_terms(shapes["reward"], rprec, bs, P + R, "reward model")))
+        phases.append(
+            Phase(f"reward scoring ({bs} sequences)", scoring_terms(shapes["reward"], rprec, bs, P + R, "reward model"))
+        )
     return Estimate(stage, resident, phases, [f"prompts assumed {P} tokens (--prompt_length N to change)"], n, sharding)
 
 
@@ -898,30 +1143,59 @@ def _eval(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         b = DTYPE_BYTES.get(shape.torch_dtype or "float32", 4)
         prec = replace(prec, other=b, residual=b, compute=b if quant != "int8" else 2)
     tasks = settings.get("tasks") or STAGE_DEFAULTS["eval"]["tasks"]
-    tasks = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in str(item).split(",") if t.strip()]
+    tasks = [
+        t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in str(item).split(",") if t.strip()
+    ]
     B = _int(settings, stage, "batch_size")
-    T = min(shape.max_position_embeddings, _int(settings, stage, "prompt_length") if settings.get("prompt_length") else 2048)
+    T = min(
+        shape.max_position_embeddings, _int(settings, stage, "prompt_length") if settings.get("prompt_length") else 2048
+    )
     resident = weight_terms(shape, prec, "causal", "model")
     phases = []
     if "perplexity" in tasks or "mmlu" in tasks:
-        phases.append(Phase(f"scoring forward: {B} x {T} tokens", scoring_terms(shape, prec, B, T, "model", padded=False)))
+        phases.append(
+            Phase(f"scoring forward: {B} x {T} tokens", scoring_terms(shape, prec, B, T, "model", padded=False))
+        )
     if "perplexity" in tasks:
         # evals/scoring.py: the head and an fp32 log-softmax at every scored position (all of them for perplexity);
         # the head's 16-bit output is freed once cast, so an fp32 copy and the log-softmax coexist
         N = B * T
-        phases.append(Phase(f"perplexity head: {N} positions x {shape.vocab_size} vocab",
-                            [Term("final hidden states + the scored positions' copy", 2 * N * prec.residual * shape.hidden_size, "activations"),
-                             Term(f"head output as fp32 + fp32 log-softmax ({N} x {shape.vocab_size})", N * shape.vocab_size * 8, "logits")]))
+        phases.append(
+            Phase(
+                f"perplexity head: {N} positions x {shape.vocab_size} vocab",
+                [
+                    Term(
+                        "final hidden states + the scored positions' copy",
+                        2 * N * prec.residual * shape.hidden_size,
+                        "activations",
+                    ),
+                    Term(
+                        f"head output as fp32 + fp32 log-softmax ({N} x {shape.vocab_size})",
+                        N * shape.vocab_size * 8,
+                        "logits",
+                    ),
+                ],
+            )
+        )
     if {"dpo", "winrate"} & set(tasks) and "reference" in shapes:
         rp = precision("auto", shapes["reference"])
-        resident += [replace(t, kind="models") for t in weight_terms(shapes["reference"], rp, "causal", "reference model")]
+        resident += [
+            replace(t, kind="models") for t in weight_terms(shapes["reference"], rp, "causal", "reference model")
+        ]
     if {"preference", "winrate"} & set(tasks) and "reward" in shapes:
         rm = precision("float32", shapes["reward"])
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reward"], rm, "reward", "reward model")]
-        phases.append(Phase(f"reward scoring ({B} sequences)", scoring_terms(shapes["reward"], rm, B, T, "reward model")))
+        phases.append(
+            Phase(f"reward scoring ({B} sequences)", scoring_terms(shapes["reward"], rm, B, T, "reward model"))
+        )
     if "winrate" in tasks:
         k = _int(settings, stage, "num_samples")
-        phases.append(Phase(f"win rate: sampling {k} answers", generation_terms(shape, prec, k, T, _int(settings, stage, "max_new_tokens"), "model", padded=False)))
+        phases.append(
+            Phase(
+                f"win rate: sampling {k} answers",
+                generation_terms(shape, prec, k, T, _int(settings, stage, "max_new_tokens"), "model", padded=False),
+            )
+        )
     notes = [f"documents/prompts assumed {T} tokens (--prompt_length N; perplexity windows are min(document, context))"]
     return Estimate(stage, resident, phases, notes, n, sharding)
 
@@ -937,12 +1211,20 @@ def _pretrain(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     if _get(settings, stage, "fsdp") and sharding == "none":
         sharding = "fsdp"
     count = shape.params("causal")
-    resident = [Term(f"weights fp32 ({count / 1e9:.3f}B params)", count * 4, "weights"),
-                Term("AdamW states (2 x fp32)", count * 8, "optimizer")]
+    resident = [
+        Term(f"weights fp32 ({count / 1e9:.3f}B params)", count * 4, "weights"),
+        Term("AdamW states (2 x fp32)", count * 8, "optimizer"),
+    ]
     grads = [Term(f"gradients fp32 ({count / 1e9:.3f}B params)", count * 4, "grads")]
     if sharding in ("fsdp", "zero3") and n > 1:
         resident, grads = sharded(resident, n, sharding), sharded(grads, n, sharding)
-        resident.append(Term(f"{sharding}: two layers gathered unsharded", 2 * shape.linear_params / shape.num_hidden_layers * 4, "weights"))
+        resident.append(
+            Term(
+                f"{sharding}: two layers gathered unsharded",
+                2 * shape.linear_params / shape.num_hidden_layers * 4,
+                "weights",
+            )
+        )
     elif n > 1:
         grads.append(Term(f"DDP gradient buckets ({n} processes)", count * 4, "grads"))
     B, T = _int(settings, stage, "batch_size"), _int(settings, stage, "seq_len")
@@ -950,23 +1232,37 @@ def _pretrain(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     terms = activation_terms(shape, prec, None, B, T, checkpointing=False, padded=False)[0]
     terms += final_norm_terms(shape, prec, B * T, True)
     if autocast:  # the head's fp32 weight is cast too (a plain linear here, not TRL's fused head)
-        terms.append(Term("bf16 copy of the head weight made by autocast", 2 * shape.vocab_size * shape.hidden_size, "activations"))
+        terms.append(
+            Term(
+                "bf16 copy of the head weight made by autocast", 2 * shape.vocab_size * shape.hidden_size, "activations"
+            )
+        )
     V = shape.vocab_size
     # pretrain/train.py keeps the returned logits (`_, loss = model(x, y)`) through backward; the cross-entropy
     # keeps its fp32 log-softmax, and its backward adds two fp32 gradients of the same size
-    terms.append(Term(f"logits {B} x {T} x {V} ({prec.compute * 8}-bit) + fp32 log-softmax + its 2 fp32 gradients",
-                      B * T * V * (prec.compute + 12), "logits"))
+    terms.append(
+        Term(
+            f"logits {B} x {T} x {V} ({prec.compute * 8}-bit) + fp32 log-softmax + its 2 fp32 gradients",
+            B * T * V * (prec.compute + 12),
+            "logits",
+        )
+    )
     if _int(settings, stage, "grad_accum") > 1:
         terms += grads
     else:
-        terms.append(Term("head gradient (first produced in backward)", shape.vocab_size * shape.hidden_size * 4, "grads"))
+        terms.append(
+            Term("head gradient (first produced in backward)", shape.vocab_size * shape.hidden_size * 4, "grads")
+        )
     phases = [Phase(f"training micro-batch ({B} x {T} tokens)", terms), _optimizer_phase(grads)]
-    notes = ["torch.compile (compile: true) fuses elementwise ops and needs less activation memory than this eager estimate"]
+    notes = [
+        "torch.compile (compile: true) fuses elementwise ops and needs less activation memory than this eager estimate"
+    ]
     return Estimate(stage, resident, phases, notes, n, sharding)
 
 
-def estimate(stage: str, settings: dict, shapes: dict[str, ModelShape], num_processes: int = 1,
-             sharding: str = "none") -> Estimate:
+def estimate(
+    stage: str, settings: dict, shapes: dict[str, ModelShape], num_processes: int = 1, sharding: str = "none"
+) -> Estimate:
     """The memory estimate of `stage` with `settings` (a stage config as a mapping; missing keys take the stage's
     defaults) for models `shapes` (role -> ModelShape: policy, and reward / value / reference where used)."""
     if stage not in STAGE_DEFAULTS:
@@ -1008,13 +1304,21 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
             out.append(("--gradient_checkpointing true", {"gradient_checkpointing": True}))
         while B > 1:
             B, acc = max(1, B // 2), acc * 2
-            out.append((f"--per_device_train_batch_size {B} --gradient_accumulation_steps {acc}",
-                        {"per_device_train_batch_size": B, "gradient_accumulation_steps": acc}))
+            out.append(
+                (
+                    f"--per_device_train_batch_size {B} --gradient_accumulation_steps {acc}",
+                    {"per_device_train_batch_size": B, "gradient_accumulation_steps": acc},
+                )
+            )
         if not s.get("use_peft"):
             out.append(("--use_peft true", {"use_peft": True}))
         if not s.get("load_in_4bit"):
-            out.append(("--use_peft true --load_in_4bit true --load_in_8bit false",
-                        {"use_peft": True, "load_in_4bit": True, "load_in_8bit": False}))
+            out.append(
+                (
+                    "--use_peft true --load_in_4bit true --load_in_8bit false",
+                    {"use_peft": True, "load_in_4bit": True, "load_in_8bit": False},
+                )
+            )
         if "8bit" not in str(s.get("optim")) and not s.get("use_peft"):
             out.append(("--optim adamw_bnb_8bit", {"optim": "adamw_bnb_8bit"}))
         if stage == "dpo" and int(s.get("per_device_eval_batch_size") or 8) > 1:
@@ -1044,10 +1348,19 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
             acc *= 2
             out.append((f"--gradient_accumulation_steps {acc}", {"gradient_accumulation_steps": acc}))
         if not s.get("load_in_4bit"):
-            out.append(("--use_peft true --load_in_4bit true --load_in_8bit false",
-                        {"use_peft": True, "load_in_4bit": True, "load_in_8bit": False}))
+            out.append(
+                (
+                    "--use_peft true --load_in_4bit true --load_in_8bit false",
+                    {"use_peft": True, "load_in_4bit": True, "load_in_8bit": False},
+                )
+            )
         if int(s["response_length"]) > 64:
-            out.append((f"--response_length {int(s['response_length']) // 2}", {"response_length": int(s["response_length"]) // 2}))
+            out.append(
+                (
+                    f"--response_length {int(s['response_length']) // 2}",
+                    {"response_length": int(s["response_length"]) // 2},
+                )
+            )
     elif stage == "pretrain":
         B, acc = int(s["batch_size"]), int(s["grad_accum"])
         while B > 1:
@@ -1064,12 +1377,20 @@ def knobs(stage: str, settings: dict, shapes: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def suggestions(stage: str, settings: dict, shapes: dict, budget: float, num_processes: int = 1,
-                sharding: str = "none", limit: int = 6) -> list[tuple[str, float]]:
+def suggestions(
+    stage: str,
+    settings: dict,
+    shapes: dict,
+    budget: float,
+    num_processes: int = 1,
+    sharding: str = "none",
+    limit: int = 6,
+) -> list[tuple[str, float]]:
     """Settings that bring the estimate under `budget`, as (command-line flags, new peak).
 
     Knobs are added one at a time in the order of `knobs` (each keeps the previous ones) until the estimate fits;
     then any knob the fit does not need is dropped again. Returns the steps tried, the last one fitting if any."""
+
     def peak(changes: list[dict]) -> float:
         merged = dict(settings)
         for c in changes:
@@ -1121,8 +1442,10 @@ def render(est: Estimate, title: str = "") -> str:
     lines.append(f"  {'peak per process (estimate)':<{width}} {est.peak / GiB:8.2f} GB")
     others = [p for p in est.phases if p is not peak]
     if others:
-        lines.append("  other phases (transient, not at the peak): " +
-                     "; ".join(f"{p.name} {p.bytes / GiB:.2f} GB" for p in others))
+        lines.append(
+            "  other phases (transient, not at the peak): "
+            + "; ".join(f"{p.name} {p.bytes / GiB:.2f} GB" for p in others)
+        )
     for note in est.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -1160,8 +1483,9 @@ def shapes_for(stage: str, settings: dict, config_of=None) -> dict[str, ModelSha
     return shapes
 
 
-def preflight(stage: str, settings: dict, device_free_bytes: int | None, num_processes: int = 1,
-              sharding: str = "none") -> None:
+def preflight(
+    stage: str, settings: dict, device_free_bytes: int | None, num_processes: int = 1, sharding: str = "none"
+) -> None:
     """Raise a one-line UserError when the stage's estimated peak exceeds the free device memory (None: no check).
 
     The message gives the estimate, the free memory and the first settings that would fit."""
@@ -1173,9 +1497,11 @@ def preflight(stage: str, settings: dict, device_free_bytes: int | None, num_pro
         return
     tips = suggestions(stage, settings, shapes, device_free_bytes, num_processes, sharding)
     fit = [f for f, p in tips if p <= device_free_bytes]
-    hint = (f"; try {fit[0]}" if fit else f"; even {tips[-1][0]} needs {gb(tips[-1][1])}" if tips else "")
-    raise UserError(f"{stage}: estimated peak {gb(est.peak)} exceeds the {gb(device_free_bytes)} free on the device"
-                    f"{hint} (align memory --config <yaml> shows the breakdown; --skip_memory_check true to run anyway)")
+    hint = f"; try {fit[0]}" if fit else f"; even {tips[-1][0]} needs {gb(tips[-1][1])}" if tips else ""
+    raise UserError(
+        f"{stage}: estimated peak {gb(est.peak)} exceeds the {gb(device_free_bytes)} free on the device"
+        f"{hint} (align memory --config <yaml> shows the breakdown; --skip_memory_check true to run anyway)"
+    )
 
 
 def ceil_gb(n: float) -> float:

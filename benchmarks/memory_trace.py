@@ -41,10 +41,25 @@ from alignment import memory as mem
 from alignment.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CATS = {"PARAM": "weights", "BUFFER": "weights", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations",
-        "TEMP": "activations", "OTH": "inputs"}
-KIND_CAT = {"weights": "weights", "lora": "weights", "models": "weights", "grads": "grads", "optimizer": "optimizer",
-            "activations": "activations", "logits": "activations", "kv": "activations"}
+CATS = {
+    "PARAM": "weights",
+    "BUFFER": "weights",
+    "GRAD": "grads",
+    "OPT": "optimizer",
+    "ACT": "activations",
+    "TEMP": "activations",
+    "OTH": "inputs",
+}
+KIND_CAT = {
+    "weights": "weights",
+    "lora": "weights",
+    "models": "weights",
+    "grads": "grads",
+    "optimizer": "optimizer",
+    "activations": "activations",
+    "logits": "activations",
+    "kv": "activations",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -74,9 +89,8 @@ def fake_gpu_like():
     Models are built on the meta device (Module.to() cannot swap fake parameters, which peft needs) and turned
     into fake tensors by `fakeify`."""
     global MODE
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     import trl.kernels.chunked_logprob as ck
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     saved = (ck._forward_tile, ck._backward_tile, ck._addmm_fp32, ck.torch)
     ck.torch = _InPlaceMM()  # cuBLAS writes the tile into its strided slice of the buffer; fake mm(out=) copies
@@ -86,7 +100,8 @@ def fake_gpu_like():
     dropout = torch.nn.functional.dropout
     # CUDA's fused dropout keeps a bool mask; the CPU fallback keeps it as a float tensor
     torch.nn.functional.dropout = lambda x, p=0.5, training=True, inplace=False: (
-        torch.native_dropout(x, p, True)[0] if training and 0 < p < 1 else x)
+        torch.native_dropout(x, p, True)[0] if training and 0 < p < 1 else x
+    )
     MODE = FakeTensorMode(allow_non_fake_inputs=True)
     try:
         yield MODE
@@ -104,8 +119,9 @@ def fakeify(model):
         for n, p in list(mod._parameters.items()):
             if p is not None:
                 if id(p) not in memo:
-                    memo[id(p)] = torch.nn.Parameter(conv.from_meta_and_device(MODE, p.data, torch.device("cpu")),
-                                                     requires_grad=p.requires_grad)
+                    memo[id(p)] = torch.nn.Parameter(
+                        conv.from_meta_and_device(MODE, p.data, torch.device("cpu")), requires_grad=p.requires_grad
+                    )
                 mod._parameters[n] = memo[id(p)]
         for n, b in list(mod._buffers.items()):
             if b is not None:
@@ -124,11 +140,20 @@ def hf_config(shape: mem.ModelShape, **extra):
     """A transformers config for a ModelShape (what the model's config.json says)."""
     from transformers import AutoConfig
 
-    kw = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-              num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-              num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
-              tie_word_embeddings=shape.tie_word_embeddings, max_position_embeddings=shape.max_position_embeddings,
-              pad_token_id=0, attn_implementation="sdpa", **extra)
+    kw = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=shape.max_position_embeddings,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+        **extra,
+    )
     if shape.model_type in ("llama", "mistral", "olmo2", "granite"):
         kw.update(attention_bias=shape.o_bias, mlp_bias=shape.mlp_bias)
     return AutoConfig.for_model(shape.model_type, **kw)
@@ -222,8 +247,12 @@ def train_model(stage: str, s: dict, shape: mem.ModelShape, kind: str):
     model = build(shape, dtype_of(str(mem._get(s, stage, "dtype")), shape), kind, fake=False)
     model.train()
     if kind == "causal" and stage != "ppo":
-        outputs = {"sft": ("log_probs", "entropy", "is_top1"), "dpo": ("log_probs", "entropy", "mean_logits", "is_top1"),
-                   "rloo": ("log_probs", "entropy"), "grpo": ("log_probs", "entropy")}[stage]
+        outputs = {
+            "sft": ("log_probs", "entropy", "is_top1"),
+            "dpo": ("log_probs", "entropy", "mean_logits", "is_top1"),
+            "rloo": ("log_probs", "entropy"),
+            "grpo": ("log_probs", "entropy"),
+        }[stage]
         add_fused_lm_head(model, outputs=outputs)
     if s.get("use_peft"):
         model = add_lora(model, Args(s), "SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
@@ -264,7 +293,9 @@ def trace_trl_train(stage: str, s: dict, shapes: dict) -> dict:
                             c, r = out.logits.squeeze(-1).chunk(2)
                             loss = -torch.nn.functional.logsigmoid(c - r).mean()
                         else:
-                            out = model(input_ids=ids, attention_mask=att, labels=ids, fused_lm_head=True, use_cache=False)
+                            out = model(
+                                input_ids=ids, attention_mask=att, labels=ids, fused_lm_head=True, use_cache=False
+                            )
                             loss = out.loss
                             if stage == "dpo":
                                 lp = out.log_probs.sum(1)
@@ -346,7 +377,7 @@ def trace_ppo_experience(s: dict, shapes: dict) -> dict:
         mt = track(policy, value, opt, q, r, qm, rm_, *extra)
         with mt, torch.no_grad():
             policy.eval()
-            lp, v = forward_response(policy, value, q, qm, r, rm_, 1.0)
+            forward_response(policy, value, q, qm, r, rm_, 1.0)
         return snapshot(mt)
 
 
@@ -397,10 +428,16 @@ def trace_pretrain(s: dict, shapes: dict) -> dict:
     B, T = mem._int(s, "pretrain", "batch_size"), mem._int(s, "pretrain", "seq_len")
     accum = min(2, mem._int(s, "pretrain", "grad_accum"))
     autocast = str(mem._get(s, "pretrain", "dtype")) in ("auto", "bfloat16")
-    ls = LlamaShape(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                    num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-                    num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=shape.max_position_embeddings,
-                    tie_word_embeddings=shape.tie_word_embeddings)
+    ls = LlamaShape(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
     with fake_gpu_like():
         model = fakeify(meta(lambda: Llama(ls)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -435,10 +472,15 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
             opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
             for p in params:
                 st = opt.state[p]
-                st["step"], st["exp_avg"], st["exp_avg_sq"] = torch.tensor(0.0), torch.zeros_like(p), torch.zeros_like(p)
+                st["step"], st["exp_avg"], st["exp_avg_sq"] = (
+                    torch.tensor(0.0),
+                    torch.zeros_like(p),
+                    torch.zeros_like(p),
+                )
             model.eval()
-            out["generation"] = trace_generation(model, G, P, mem._int(s, stage, "max_completion_length"),
-                                                 frozen_models(stage, s, shapes), (opt,))
+            out["generation"] = trace_generation(
+                model, G, P, mem._int(s, stage, "max_completion_length"), frozen_models(stage, s, shapes), (opt,)
+            )
     elif stage == "ppo":
         out["train"] = trace_ppo_train(s, shapes)
         out["experience"] = trace_ppo_experience(s, shapes)
@@ -456,8 +498,14 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
             if "reference" in shapes:
                 extra.append(build(shapes["reference"], dtype_of("auto", shapes["reference"])).eval())
             if stage == "pairs":
-                out["generation"] = trace_generation(model, mem._int(s, stage, "num_samples"), P,
-                                                     mem._int(s, stage, "max_new_tokens"), extra, padded=False)
+                out["generation"] = trace_generation(
+                    model,
+                    mem._int(s, stage, "num_samples"),
+                    P,
+                    mem._int(s, stage, "max_new_tokens"),
+                    extra,
+                    padded=False,
+                )
             else:
                 tasks = mem._get(s, stage, "tasks")
                 tasks = [t.strip() for x in ([tasks] if isinstance(tasks, str) else tasks) for t in str(x).split(",")]
@@ -467,8 +515,14 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
                 if "mmlu" in tasks:
                     out["mmlu"] = trace_scoring(model, B, P, extra)
                 if "winrate" in tasks:
-                    out["winrate"] = trace_generation(model, mem._int(s, stage, "num_samples"), P,
-                                                      mem._int(s, stage, "max_new_tokens"), extra, padded=False)
+                    out["winrate"] = trace_generation(
+                        model,
+                        mem._int(s, stage, "num_samples"),
+                        P,
+                        mem._int(s, stage, "max_new_tokens"),
+                        extra,
+                        padded=False,
+                    )
     return out
 
 
@@ -480,12 +534,25 @@ def small_shape(shape: mem.ModelShape) -> mem.ModelShape:
     """The same architecture at a size a CPU trains in minutes (4 layers, hidden 512, vocabulary 8192)."""
     from dataclasses import replace
 
-    return replace(shape, vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, torch_dtype="bfloat16")
+    return replace(
+        shape,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        torch_dtype="bfloat16",
+    )
 
 
-QUANTIZED_PROBES = (("sft", "load_in_4bit", False), ("sft", "load_in_8bit", False), ("reward", "load_in_4bit", False),
-                    ("sft", "load_in_4bit", True))
+QUANTIZED_PROBES = (
+    ("sft", "load_in_4bit", False),
+    ("sft", "load_in_8bit", False),
+    ("reward", "load_in_4bit", False),
+    ("sft", "load_in_4bit", True),
+)
 
 
 def quantized_probes() -> list[dict]:
@@ -494,14 +561,30 @@ def quantized_probes() -> list[dict]:
     rows = []
     shape = small_shape(mem.model_shape("Qwen/Qwen2.5-3B"))
     for stage, quant, ckpt in QUANTIZED_PROBES:
-        s = {"dtype": "bfloat16", quant: True, "use_peft": True, "lora_dropout": 0.05, "gradient_checkpointing": ckpt,
-             "per_device_train_batch_size": 4}
+        s = {
+            "dtype": "bfloat16",
+            quant: True,
+            "use_peft": True,
+            "lora_dropout": 0.05,
+            "gradient_checkpointing": ckpt,
+            "per_device_train_batch_size": 4,
+        }
         t0 = time.time()
         snap, est = run_quantized_small(stage, s, shape, T=256)
         name = f"{stage} {'4-bit NF4' if quant == 'load_in_4bit' else '8-bit'} LoRA{', checkpointing' if ckpt else ''}"
-        rows.append({"config": f"{name} (Qwen2.5 shape, 4 layers, hidden 512; real CPU run)", "stage": stage,
-                     "estimate": est.allocated, "by_kind": est.by_kind(), "traced": snap["total"], "traced_by_cat": snap,
-                     "traced_phase": "train", "ratio": est.allocated / snap["total"], "seconds": time.time() - t0})
+        rows.append(
+            {
+                "config": f"{name} (Qwen2.5 shape, 4 layers, hidden 512; real CPU run)",
+                "stage": stage,
+                "estimate": est.allocated,
+                "by_kind": est.by_kind(),
+                "traced": snap["total"],
+                "traced_by_cat": snap,
+                "traced_phase": "train",
+                "ratio": est.allocated / snap["total"],
+                "seconds": time.time() - t0,
+            }
+        )
         print(f"{name}: measured {fmt(snap['total'])} GB, estimate {fmt(est.allocated)} GB", file=sys.stderr)
     return rows
 
@@ -513,22 +596,30 @@ def run_quantized_small(stage: str, s: dict, shape: mem.ModelShape, T: int = 128
     import tempfile
     from types import SimpleNamespace
 
+    import trl.kernels.chunked_logprob as ck
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.trainer.utils import add_fused_lm_head
 
-    import trl.kernels.chunked_logprob as ck
     from alignment.modeling import add_lora, load_model
 
     kind = "reward" if stage == "reward" else "causal"
     s = {**s, "max_length": T}
     with tempfile.TemporaryDirectory() as tmp:
         cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
-        cls.from_config(hf_config(shape, num_labels=1) if kind == "reward" else hf_config(shape),
-                        dtype=torch.bfloat16).save_pretrained(tmp)
-        margs = SimpleNamespace(dtype=str(mem._get(s, stage, "dtype")), load_in_8bit=bool(s.get("load_in_8bit")),
-                                load_in_4bit=bool(s.get("load_in_4bit")), bnb_4bit_quant_type="nf4",
-                                bnb_4bit_quant_storage=None, use_peft=True, model_revision="main",
-                                attn_implementation="sdpa", **vars(Args(s)))
+        cls.from_config(
+            hf_config(shape, num_labels=1) if kind == "reward" else hf_config(shape), dtype=torch.bfloat16
+        ).save_pretrained(tmp)
+        margs = SimpleNamespace(
+            dtype=str(mem._get(s, stage, "dtype")),
+            load_in_8bit=bool(s.get("load_in_8bit")),
+            load_in_4bit=bool(s.get("load_in_4bit")),
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_storage=None,
+            use_peft=True,
+            model_revision="main",
+            attn_implementation="sdpa",
+            **vars(Args(s)),
+        )
         ckpt = bool(mem._get(s, stage, "gradient_checkpointing"))
         model = load_model(tmp, margs, kind, SimpleNamespace(pad_token_id=0), ckpt)
     if kind == "causal":
@@ -561,7 +652,9 @@ def run_quantized_small(stage: str, s: dict, shape: mem.ModelShape, T: int = 128
                         c, r = model(input_ids=ids, attention_mask=att).logits.squeeze(-1).chunk(2)
                         loss = -torch.nn.functional.logsigmoid(c - r).mean()
                     else:
-                        loss = model(input_ids=ids, attention_mask=att, labels=ids, fused_lm_head=True, use_cache=False).loss
+                        loss = model(
+                            input_ids=ids, attention_mask=att, labels=ids, fused_lm_head=True, use_cache=False
+                        ).loss
                 loss.backward()
                 del loss
                 opt.step()
@@ -584,22 +677,35 @@ def compare(config: Path, overrides: dict | None = None, stage: str | None = Non
     """Estimate and trace one stage YAML; returns the row of the table (None for CPU-only stages)."""
     from recipes import memory as cmd
 
-    args = cmd.parse_args(["--config", str(config)] + (["--stage", stage] if stage else []) +
-                          [x for k, v in (overrides or {}).items() for x in (f"--{k}", str(v))])
+    args = cmd.parse_args(
+        ["--config", str(config)]
+        + (["--stage", stage] if stage else [])
+        + [x for k, v in (overrides or {}).items() for x in (f"--{k}", str(v))]
+    )
     if args.stage not in mem.STAGES:
         return None
     shapes = cmd.shapes_for(args.stage, args.settings, args.config)
     est = mem.estimate(args.stage, args.settings, shapes)
-    row = {"config": str(config.relative_to(ROOT) if config.is_absolute() else config), "stage": args.stage,
-           "estimate": est.allocated, "by_kind": est.by_kind(), "peak_phase": est.peak_phase.name}
+    row = {
+        "config": str(config.relative_to(ROOT) if config.is_absolute() else config),
+        "stage": args.stage,
+        "estimate": est.allocated,
+        "by_kind": est.by_kind(),
+        "peak_phase": est.peak_phase.name,
+    }
     if quantized(args.stage, args.settings):
         row["traced"] = None  # bitsandbytes cannot run on fake tensors; see quantized_probes()
         return row
     t0 = time.time()
     traced = trace_stage(args.stage, args.settings, shapes)
     phase, snap = max(traced.items(), key=lambda kv: kv[1].get("total", 0.0))
-    row.update(traced=snap["total"], traced_phase=phase, traced_by_cat=snap, seconds=time.time() - t0,
-               ratio=est.allocated / snap["total"])
+    row.update(
+        traced=snap["total"],
+        traced_phase=phase,
+        traced_by_cat=snap,
+        seconds=time.time() - t0,
+        ratio=est.allocated / snap["total"],
+    )
     return row
 
 
@@ -617,8 +723,13 @@ def fmt(n: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: per configuration the estimate, the traced peak, their ratio, and the activation share."""
-    lines = ["| configuration | stage | estimate (GB) | traced peak (GB) | estimate / trace | weights+states est / traced | activations est / traced | traced phase |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| configuration | stage | estimate (GB) | traced peak (GB) | estimate / trace "
+            "| weights+states est / traced | activations est / traced | traced phase |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("traced") is None:
             lines.append(f"| {r['config']} | {r['stage']} | {fmt(r['estimate'])} | 8/4-bit: not traced | | | | |")
@@ -626,8 +737,11 @@ def table(rows: list[dict]) -> str:
         e, t = estimate_by_cat(r["by_kind"]), r["traced_by_cat"]
         st_e = e.get("weights", 0) + e.get("grads", 0) + e.get("optimizer", 0)
         st_t = t.get("weights", 0) + t.get("grads", 0) + t.get("optimizer", 0)
-        lines.append(f"| {r['config']} | {r['stage']} | {fmt(r['estimate'])} | {fmt(r['traced'])} | {r['ratio']:.3f} | "
-                     f"{fmt(st_e)} / {fmt(st_t)} | {fmt(e.get('activations', 0))} / {fmt(t.get('activations', 0) + t.get('inputs', 0))} | {r['traced_phase']} |")
+        act_t = t.get("activations", 0) + t.get("inputs", 0)
+        lines.append(
+            f"| {r['config']} | {r['stage']} | {fmt(r['estimate'])} | {fmt(r['traced'])} | {r['ratio']:.3f} | "
+            f"{fmt(st_e)} / {fmt(st_t)} | {fmt(e.get('activations', 0))} / {fmt(act_t)} | {r['traced_phase']} |"
+        )
     return "\n".join(lines)
 
 
@@ -668,16 +782,27 @@ def main(argv=None) -> None:
             continue
         rows.append(row)
         msg = f"ratio {row['ratio']:.3f} ({row['seconds']:.0f}s)" if row.get("traced") else "not traced"
-        print(f"{row['config']}: estimate {fmt(row['estimate'])} GB, traced {fmt(row.get('traced'))} GB, {msg}", file=sys.stderr)
+        print(
+            f"{row['config']}: estimate {fmt(row['estimate'])} GB, traced {fmt(row.get('traced'))} GB, {msg}",
+            file=sys.stderr,
+        )
     print(table(rows))
 
 
 def lora_vs_full() -> None:
     """Traced peak of DPO with LoRA against full DPO on the same model (Qwen2.5-0.5B, bf16) and batch."""
     base = ROOT / "recipes" / "gpu16" / "dpo.yaml"
-    common = {"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dtype": "bfloat16", "load_in_8bit": False, "load_in_4bit": False,
-              "per_device_train_batch_size": 2, "max_length": 1024, "gradient_checkpointing": True,
-              "gradient_accumulation_steps": 1, "optim": "adamw_torch_fused"}
+    common = {
+        "model_name_or_path": "Qwen/Qwen2.5-0.5B",
+        "dtype": "bfloat16",
+        "load_in_8bit": False,
+        "load_in_4bit": False,
+        "per_device_train_batch_size": 2,
+        "max_length": 1024,
+        "gradient_checkpointing": True,
+        "gradient_accumulation_steps": 1,
+        "optim": "adamw_torch_fused",
+    }
     rows = []
     for name, extra in (("full DPO", {"use_peft": False}), ("LoRA DPO (r=16)", {"use_peft": True})):
         row = compare(base, {**common, **extra}, stage="dpo")

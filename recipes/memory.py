@@ -89,7 +89,7 @@ def processes_from_header(path: Path) -> int:
 
 
 def accelerate_setup(path: Path) -> tuple[int, str]:
-    """(processes, sharding) of an accelerate config file: MULTI_GPU -> none, FSDP -> fsdp, DeepSpeed ZeRO-3 -> zero3."""
+    """(processes, sharding) of an accelerate config file: MULTI_GPU -> none, FSDP -> fsdp, ZeRO-3 -> zero3."""
     cfg = read_yaml(path)
     kind = str(cfg.get("distributed_type", "NO")).upper()
     zero = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)
@@ -132,7 +132,9 @@ def parse_args(argv: list[str]) -> MemoryArgs:
     settings = read_yaml(path)
     stage = own.get("stage") or stage_from_header(path)
     if stage is None:
-        raise UserError(f"{path}: cannot tell the stage (first line is not `# align <stage> --config ...`); pass --stage NAME")
+        raise UserError(
+            f"{path}: cannot tell the stage (first line is not `# align <stage> --config ...`); pass --stage NAME"
+        )
     gpu = mem.parse_size(own["gpu_memory"]) if "gpu_memory" in own else None
     n, sharding = processes_from_header(path), "none"
     launch = own.get("accelerate_config") or accelerate_from_header(path)
@@ -163,18 +165,35 @@ def recipe_yamls(config: Path) -> list[Path]:
 
 
 def preset_config(settings: dict, where: Path, seen: tuple) -> dict:
-    """config.json numbers of a from-scratch model: pretrain/model.py's preset, overrides, the tokenizer's vocabulary."""
+    """config.json of a from-scratch model: pretrain/model.py's preset, overrides, its tokenizer's vocabulary."""
     from pretrain.model import PRESETS
 
     preset = settings.get("preset", "tiny")
     if preset not in PRESETS:
         raise UserError(f"{where}: preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    numbers = {**PRESETS[preset], **{k: settings[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                                "num_attention_heads", "num_key_value_heads",
-                                                                "max_position_embeddings") if settings.get(k)}}
+    numbers = {
+        **PRESETS[preset],
+        **{
+            k: settings[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "max_position_embeddings",
+            )
+            if settings.get(k)
+        },
+    }
     vocab = tokenizer_vocab(str(settings.get("tokenizer", "runs/tiny/tokenizer")), where, seen)
-    return {"model_type": "llama", "vocab_size": vocab, "tie_word_embeddings": settings.get("tie_word_embeddings", True),
-            "torch_dtype": "float32", **numbers}
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "tie_word_embeddings": settings.get("tie_word_embeddings", True),
+        "torch_dtype": "float32",
+        **numbers,
+    }
 
 
 def tokenizer_vocab(path: str, where: Path, seen: tuple) -> int:
@@ -184,13 +203,17 @@ def tokenizer_vocab(path: str, where: Path, seen: tuple) -> int:
         import json
 
         data = json.loads(tok.read_text())
-        return len(data["model"]["vocab"]) + sum(1 for t in data.get("added_tokens", []) if t["id"] >= len(data["model"]["vocab"]))
+        return len(data["model"]["vocab"]) + sum(
+            1 for t in data.get("added_tokens", []) if t["id"] >= len(data["model"]["vocab"])
+        )
     for y in recipe_yamls(where):
         if stage_from_header(y) == "tokenizer":
             s = read_yaml(y)
             if str(s.get("output_dir", "")).rstrip("/") == path.rstrip("/"):
                 return int(s.get("vocab_size", 4096))
-    raise UserError(f"{where}: tokenizer {path}: not found and no `align tokenizer` YAML writes it; expected a tokenizer directory")
+    raise UserError(
+        f"{where}: tokenizer {path}: not found and no `align tokenizer` YAML writes it; expected a tokenizer directory"
+    )
 
 
 def writer_of(model: str, config: Path) -> tuple[Path, dict] | None:
@@ -221,8 +244,10 @@ def model_config(model: str, config: Path, where: str, seen: tuple = ()) -> dict
             raise UserError(f"{found}: not valid JSON ({e.msg} at line {e.lineno})") from None
     hit = writer_of(model, config)
     if hit is None or hit[0] in seen:
-        raise UserError(f"{where}: {model}: no config.json, not a shipped hub config (recipes/models/), not in the "
-                        f"Hugging Face cache, and no stage of the recipe writes it; expected a model directory or hub name")
+        raise UserError(
+            f"{where}: {model}: no config.json, not a shipped hub config (recipes/models/), not in the "
+            f"Hugging Face cache, and no stage of the recipe writes it; expected a model directory or hub name"
+        )
     y, s = hit
     stage = stage_from_header(y)
     if stage in ("pretrain", "export"):
@@ -258,10 +283,16 @@ def main(cfg: MemoryArgs) -> dict:
     shapes = shapes_for(cfg.stage, cfg.settings, cfg.config)
     est = mem.estimate(cfg.stage, cfg.settings, shapes, cfg.num_processes, cfg.sharding)
     pol = shapes["policy"]
-    par = f", {cfg.num_processes} processes, sharding {cfg.sharding if est.sharding == cfg.sharding else est.sharding}" if cfg.num_processes > 1 or est.sharding != "none" else ""
-    title = (f"align memory: {cfg.stage}, {cfg.config} -- an estimate from config.json, not a measurement{par}\n"
-             f"  model: {pol.model_type}, {pol.params() / 1e9:.2f}B params, {pol.num_hidden_layers} layers, "
-             f"hidden {pol.hidden_size}, vocab {pol.vocab_size:,}")
+    par = (
+        f", {cfg.num_processes} processes, sharding {cfg.sharding if est.sharding == cfg.sharding else est.sharding}"
+        if cfg.num_processes > 1 or est.sharding != "none"
+        else ""
+    )
+    title = (
+        f"align memory: {cfg.stage}, {cfg.config} -- an estimate from config.json, not a measurement{par}\n"
+        f"  model: {pol.model_type}, {pol.params() / 1e9:.2f}B params, {pol.num_hidden_layers} layers, "
+        f"hidden {pol.hidden_size}, vocab {pol.vocab_size:,}"
+    )
     for role in ("reward", "value", "reference"):
         if role in shapes:
             title += f"; {role}: {shapes[role].params() / 1e9:.2f}B params"

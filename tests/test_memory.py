@@ -17,8 +17,17 @@ RECIPES = ROOT / "recipes"
 GiB = mem.GiB
 
 # a small untied Llama: V=1000, H=64, I=176, 2 layers, 4 query heads and 2 key/value heads of 16
-SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, torch_dtype="bfloat16")
+SMALL = {
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +63,9 @@ def test_lora_count_and_adamw_states(small):
     assert lora.params(small) == 2 * (1024 + 768 + 768 + 1024 + 3 * 1920) == 18688
     assert mem.optimizer_bytes(18688, 4, "adamw_torch_fused") == 2 * 18688 * 4
     assert mem.optimizer_bytes(18688, 4, "adamw_bnb_8bit") == pytest.approx(2 * 18688, rel=0.01)
-    est = mem.estimate("sft", {"model_name_or_path": "x", "use_peft": True, "lora_r": 8, "dtype": "bfloat16"}, {"policy": small})
+    est = mem.estimate(
+        "sft", {"model_name_or_path": "x", "use_peft": True, "lora_r": 8, "dtype": "bfloat16"}, {"policy": small}
+    )
     opt = [t for t in est.resident if t.kind == "optimizer"]
     assert opt[0].bytes == 2 * 18688 * 4  # peft keeps adapters in fp32 on a bf16 base: fp32 moments
 
@@ -116,11 +127,17 @@ def test_stage_defaults_match_the_config_classes():
                 out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         return out
 
-    real = {"sft": defaults(SFTConfig, ModelConfig), "dpo": defaults(DPOConfig, ModelConfig),
-            "reward": defaults(RewardConfig, ModelConfig, RewardScriptArguments),
-            "rloo": defaults(RLOOConfig, ModelConfig), "grpo": defaults(GRPOConfig, ModelConfig),
-            "ppo": defaults(PPOHyper, PPOStageConfig, ModelConfig), "pairs": defaults(PairsConfig),
-            "eval": defaults(EvalConfig), "pretrain": defaults(PretrainConfig)}
+    real = {
+        "sft": defaults(SFTConfig, ModelConfig),
+        "dpo": defaults(DPOConfig, ModelConfig),
+        "reward": defaults(RewardConfig, ModelConfig, RewardScriptArguments),
+        "rloo": defaults(RLOOConfig, ModelConfig),
+        "grpo": defaults(GRPOConfig, ModelConfig),
+        "ppo": defaults(PPOHyper, PPOStageConfig, ModelConfig),
+        "pairs": defaults(PairsConfig),
+        "eval": defaults(EvalConfig),
+        "pretrain": defaults(PretrainConfig),
+    }
     online = {"reward_load_in_8bit", "reward_batch_size"}  # alignment.ppo.OnlineRLArguments
     for stage, ours in mem.STAGE_DEFAULTS.items():
         for key, value in ours.items():
@@ -130,7 +147,9 @@ def test_stage_defaults_match_the_config_classes():
                 assert getattr(OnlineRLArguments(), key) == value, (stage, key)
                 continue
             assert key in real[stage], f"{stage}: {key} is not a config key of the stage"
-            assert real[stage][key] == value, f"{stage}: {key} defaults to {real[stage][key]!r}, estimator assumes {value!r}"
+            assert real[stage][key] == value, (
+                f"{stage}: {key} defaults to {real[stage][key]!r}, estimator assumes {value!r}"
+            )
     assert tuple(LORA_TARGETS) == mem.LORA_TARGETS
 
 
@@ -147,14 +166,22 @@ def test_fake_tensor_trace_within_ten_percent(lora):
 
     torch.set_num_threads(1)
     shape = mem.ModelShape("llama", 512, 128, 352, 2, 4, 2, 32, tie_word_embeddings=True)
-    s = {"model_name_or_path": "x", "dtype": "bfloat16", "use_peft": lora, "gradient_checkpointing": False,
-         "per_device_train_batch_size": 4, "max_length": 64}
+    s = {
+        "model_name_or_path": "x",
+        "dtype": "bfloat16",
+        "use_peft": lora,
+        "gradient_checkpointing": False,
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+    }
     traced = trace_trl_train("sft", s, {"policy": shape})
     est = mem.estimate("sft", s, {"policy": shape})
     assert traced["total"] > 0
     assert 0.9 <= est.allocated / traced["total"] <= 1.1, (est.allocated, traced)
     # weights exactly, up to the rotary inv_freq buffer
-    assert traced["weights"] == pytest.approx(sum(t.bytes for t in est.resident if t.kind in ("weights", "lora")), abs=256)
+    assert traced["weights"] == pytest.approx(
+        sum(t.bytes for t in est.resident if t.kind in ("weights", "lora")), abs=256
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -201,13 +228,29 @@ def test_chain_names_the_earlier_outputs():
 
 def test_over_budget_prints_verdict_and_fix(capsys):
     path = RECIPES / "gpu16" / "sft.yaml"
-    out, text = run(["--config", str(path), "--load_in_4bit", "false", "--use_peft", "false",
-                     "--per_device_train_batch_size", "16", "--gpu_memory", "20GB"], capsys)
+    _, text = run(
+        [
+            "--config",
+            str(path),
+            "--load_in_4bit",
+            "false",
+            "--use_peft",
+            "false",
+            "--per_device_train_batch_size",
+            "16",
+            "--gpu_memory",
+            "20GB",
+        ],
+        capsys,
+    )
     assert "16 GB card: does NOT fit" in text and "20 GB (--gpu_memory)" in text
     assert "fits with --" in text
     with pytest.raises(UserError, match="exceeds"):
-        mem.preflight("sft", {**cmd.read_yaml(path), "model_name_or_path": "Qwen/Qwen2.5-3B", "load_in_4bit": False,
-                              "use_peft": False}, 8 * GiB)
+        mem.preflight(
+            "sft",
+            {**cmd.read_yaml(path), "model_name_or_path": "Qwen/Qwen2.5-3B", "load_in_4bit": False, "use_peft": False},
+            8 * GiB,
+        )
     mem.preflight("sft", {**cmd.read_yaml(path), "model_name_or_path": "Qwen/Qwen2.5-3B"}, 80 * GiB)
 
 
