@@ -1389,7 +1389,8 @@ def suggestions(
     """Settings that bring the estimate under `budget`, as (command-line flags, new peak).
 
     Knobs are added one at a time in the order of `knobs` (each keeps the previous ones) until the estimate fits;
-    then any knob the fit does not need is dropped again. Returns the steps tried, the last one fitting if any."""
+    then any knob the fit does not need is dropped again. Returns the steps tried; when the last one fits, it is the
+    smallest change found."""
 
     def peak(changes: list[dict]) -> float:
         merged = dict(settings)
@@ -1497,7 +1498,7 @@ def preflight(
         return
     tips = suggestions(stage, settings, shapes, device_free_bytes, num_processes, sharding)
     fit = [f for f, p in tips if p <= device_free_bytes]
-    hint = f"; try {fit[0]}" if fit else f"; even {tips[-1][0]} needs {gb(tips[-1][1])}" if tips else ""
+    hint = f"; try {fit[-1]}" if fit else f"; even {tips[-1][0]} needs {gb(tips[-1][1])}" if tips else ""
     raise UserError(
         f"{stage}: estimated peak {gb(est.peak)} exceeds the {gb(device_free_bytes)} free on the device"
         f"{hint} (align memory --config <yaml> shows the breakdown; --skip_memory_check true to run anyway)"

@@ -306,7 +306,7 @@ def main(cfg: MemoryArgs) -> dict:
             tips = mem.suggestions(cfg.stage, cfg.settings, shapes, budget, cfg.num_processes, cfg.sharding)
             fit = [(f, p) for f, p in tips if p <= budget]
             if fit:
-                line += f"; fits with {fit[0][0]} ({mem.gb(fit[0][1])})"
+                line += f"; fits with {fit[-1][0]} ({mem.gb(fit[-1][1])})"
             elif tips:
                 line += f"; {tips[-1][0]} still needs {mem.gb(tips[-1][1])}"
         print(line)
