@@ -1,8 +1,8 @@
 """Peak device memory of a stage, estimated from the model's config.json alone (no weights are read).
 
-    from alignment.memory import model_shape, estimate, render
-    est = estimate("sft", settings, {"policy": model_shape("Qwen/Qwen2.5-1.5B")})
-    print(render(est, cards=[16 * GiB, 24 * GiB]))
+    from alignment.memory import estimate, model_shape, render
+    est = estimate("sft", {"use_peft": True, "load_in_4bit": True}, {"policy": model_shape("Qwen/Qwen2.5-1.5B")})
+    print(render(est), est.peak / GiB)
 
 `align memory --config recipes/<recipe>/<stage>.yaml` (recipes/memory.py) prints this breakdown and a verdict per card;
 `preflight(stage, settings, free_bytes)` raises a one-line UserError at the start of a stage that will not fit.
@@ -20,7 +20,6 @@ Units: sizes are binary (1 GB = 2**30 bytes), the way nvidia-smi and PyTorch rep
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -503,11 +502,9 @@ def trainable_params(shape: ModelShape, lora: Lora | None, kind: str) -> tuple[i
 def optimizer_bytes(n: int, param_bytes: int, optim: str) -> float:
     """AdamW keeps two moments per trainable parameter in the parameter's dtype (torch's AdamW allocates them with
     zeros_like); bitsandbytes 8-bit AdamW (optim names with '8bit') keeps them as 1 byte each plus a negligible
-    fp32 absmax per 2048-element block."""
+    fp32 absmax per 2048-element block. Other optimizers are counted as AdamW."""
     if "8bit" in (optim or ""):
         return n * (2 + 2 * 4 / 2048)
-    if "sgd" in (optim or "") or "adafactor" in (optim or ""):
-        return n * param_bytes if "adafactor" not in optim else n * 0.1 * param_bytes
     return 2 * n * param_bytes
 
 
@@ -1503,8 +1500,3 @@ def preflight(
         f"{stage}: estimated peak {gb(est.peak)} exceeds the {gb(device_free_bytes)} free on the device"
         f"{hint} (align memory --config <yaml> shows the breakdown; --skip_memory_check true to run anyway)"
     )
-
-
-def ceil_gb(n: float) -> float:
-    """Bytes rounded up to 0.1 GB (for headers)."""
-    return math.ceil(n / GiB * 10) / 10
