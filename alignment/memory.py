@@ -723,11 +723,14 @@ def kv_cache_bytes(shape: ModelShape, prec: Precision, B: int, T: int) -> float:
     return shape.num_hidden_layers * shape.kv_dim * B * T * (prec.key + prec.compute)
 
 
-def forward_transient_per_token(shape: ModelShape, prec: Precision) -> float:
-    """Live tensors per token inside one layer of a no-grad forward: the hidden state and its norm, q/k/v and
-    attention output, and the MLP's gate, up and product (freed layer by layer)."""
-    H, I = shape.hidden_size, shape.intermediate_size
-    return 3 * prec.residual * H + 4 + prec.compute * (2 * shape.q_dim + 2 * shape.kv_dim) + 3 * prec.compute * I
+def forward_transient_per_token(shape: ModelShape, prec: Precision, T: int = 0, padded: bool = False) -> float:
+    """Live tensors per token at the fullest moment of one layer of a no-grad forward over sequences of T tokens: the
+    residual, the layer's input and output (3 x residual dtype) and an fp32 norm copy, the (B, 1, T, T) bool padding
+    mask, and the larger of the MLP's silu(gate), up and their product (3 x I; without grad the gate is freed once
+    activated) and attention's q, k, v repeated to all heads, output and the mask expanded to compute dtype."""
+    H, I, s = shape.hidden_size, shape.intermediate_size, prec.compute
+    attn = 4 * s * shape.q_dim + (s * T if padded else 0)
+    return 3 * prec.residual * H + 4 * H + (T if padded else 0) + max(3 * s * I, attn)
 
 
 def generation_terms(
@@ -739,7 +742,7 @@ def generation_terms(
     prefill = [
         Term(
             f"{who} prefill of {B} x {P} prompt tokens (one layer at a time)",
-            B * P * (forward_transient_per_token(shape, prec) + (prec.compute * P if padded else 0)),
+            B * P * forward_transient_per_token(shape, prec, P, padded),
             "activations",
         ),
         Term(f"{who} KV cache of the prompt ({B} x {P} tokens)", kv_cache_bytes(shape, prec, B, P), "kv"),
@@ -755,12 +758,20 @@ def generation_terms(
     return max(prefill, last, key=lambda ts: sum(t.bytes for t in ts))
 
 
-def scoring_terms(shape: ModelShape, prec: Precision, B: int, T: int, who: str, padded: bool = True) -> list[Term]:
+def scoring_terms(
+    shape: ModelShape, prec: Precision, B: int, T: int, who: str, padded: bool = True, cache: bool = False
+) -> list[Term]:
     """A no-grad forward of B x T tokens whose output is small (a reward model's score, a fused-head log-prob, the
     few scored positions of a multiple-choice prompt): one layer's transients at a time, plus the (B, 1, T, T)
-    additive mask of a padded batch."""
-    per_token = forward_transient_per_token(shape, prec) + (prec.compute * T if padded else 0)
-    return [Term(f"{who}: forward of {B} x {T} tokens (no grad)", B * T * per_token, "activations")]
+    additive mask of a padded batch. `cache`: the forward does not pass use_cache=False, so transformers fills a
+    KV cache it never uses (alignment.modeling.reward_scores)."""
+    per_token = forward_transient_per_token(shape, prec, T, padded)
+    terms = [Term(f"{who}: forward of {B} x {T} tokens (no grad)", B * T * per_token, "activations")]
+    if cache:
+        terms.append(
+            Term(f"{who}: KV cache the forward fills (no use_cache=False)", kv_cache_bytes(shape, prec, B, T), "kv")
+        )
+    return terms
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -930,7 +941,10 @@ def _sft_like(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -
     if stage == "reward":
         sb = _int(settings, stage, "score_batch_size")
         phases.append(
-            Phase(f"held-out accuracy scoring ({sb} sequences)", scoring_terms(shape, prec, sb, T, "reward model"))
+            Phase(
+                f"held-out accuracy scoring ({sb} sequences)",
+                scoring_terms(shape, prec, sb, T, "reward model", cache=True),
+            )
         )
     return Estimate(stage, resident, phases, notes, n, sharding)
 
@@ -1019,7 +1033,7 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         ),
         Phase(
             f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"),
+            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True),
         ),
     ]
     kept, _ = activation_terms(shape, prec, lora, micro, T, checkpointing=False)
@@ -1091,7 +1105,7 @@ def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> 
         ),
         Phase(
             f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model"),
+            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True),
         ),
         _train_phase(
             f"training micro-batch ({B} x {T} tokens)", shape, prec, lora, B, T, ckpt, liger, "fused", grads, accumulate
@@ -1122,7 +1136,10 @@ def _pairs(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reward"], rprec, "reward", "reward model")]
         bs = _int(settings, stage, "batch_size")
         phases.append(
-            Phase(f"reward scoring ({bs} sequences)", scoring_terms(shapes["reward"], rprec, bs, P + R, "reward model"))
+            Phase(
+                f"reward scoring ({bs} sequences)",
+                scoring_terms(shapes["reward"], rprec, bs, P + R, "reward model", cache=True),
+            )
         )
     return Estimate(stage, resident, phases, [f"prompts assumed {P} tokens (--prompt_length N to change)"], n, sharding)
 
@@ -1183,7 +1200,9 @@ def _eval(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         rm = precision("float32", shapes["reward"])
         resident += [replace(t, kind="models") for t in weight_terms(shapes["reward"], rm, "reward", "reward model")]
         phases.append(
-            Phase(f"reward scoring ({B} sequences)", scoring_terms(shapes["reward"], rm, B, T, "reward model"))
+            Phase(
+                f"reward scoring ({B} sequences)", scoring_terms(shapes["reward"], rm, B, T, "reward model", cache=True)
+            )
         )
     if "winrate" in tasks:
         k = _int(settings, stage, "num_samples")

@@ -409,12 +409,14 @@ def trace_scoring(model, B: int, T: int, extra=(), full_head: bool = False) -> d
         mt = track(model, ids, *extra)
         with mt:
             if full_head:
-                hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # (B, T, H)
+                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
                 picked = hidden.reshape(B * T, -1)[torch.arange(B * T)]  # (B*T, H): every position is scored
                 lp = torch.log_softmax(model.get_output_embeddings()(picked).float(), -1)  # (B*T, V)
                 del lp
             elif hasattr(model, "get_decoder") and not hasattr(model, "score"):
-                model.get_decoder()(input_ids=ids)  # multiple choice: the head runs at a few positions only
+                model.get_decoder()(
+                    input_ids=ids, use_cache=False
+                )  # multiple choice: the head runs at a few positions only
             else:
                 model(input_ids=ids, attention_mask=torch.randint(0, 2, (B, T)))  # reward scores of padded batches
         return snapshot(mt)
@@ -497,6 +499,8 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
                 extra.append(build(shapes["reward"], torch.float32, "reward").eval())
             if "reference" in shapes:
                 extra.append(build(shapes["reference"], dtype_of("auto", shapes["reference"])).eval())
+            rm = next((m for m in extra if hasattr(m, "score")), None)
+            others = [model] + [m for m in extra if m is not rm]
             if stage == "pairs":
                 out["generation"] = trace_generation(
                     model,
@@ -506,6 +510,9 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
                     extra,
                     padded=False,
                 )
+                if rm is not None:  # alignment.modeling.reward_scores: padded batches, no use_cache=False
+                    R = mem._int(s, stage, "max_new_tokens")
+                    out["reward"] = trace_scoring(rm, mem._int(s, stage, "batch_size"), P + R, others)
             else:
                 tasks = mem._get(s, stage, "tasks")
                 tasks = [t.strip() for x in ([tasks] if isinstance(tasks, str) else tasks) for t in str(x).split(",")]
@@ -523,6 +530,8 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
                         extra,
                         padded=False,
                     )
+                if rm is not None and {"preference", "winrate"} & set(tasks):
+                    out["reward"] = trace_scoring(rm, B, P, others)
     return out
 
 
