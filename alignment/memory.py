@@ -1450,9 +1450,9 @@ def render(est: Estimate, title: str = "") -> str:
     """The breakdown as text: resident terms, the peak phase's terms, overhead, the peak; other phases after it."""
     width = 86
     lines = [title] if title else []
-    rows = [(t.label, t.bytes) for t in est.resident]
+    rows = [(t.label, t.bytes) for t in est.resident if t.bytes]
     peak = est.peak_phase
-    rows += [(f"[{peak.name}] {t.label}", t.bytes) for t in peak.terms]
+    rows += [(f"[{peak.name}] {t.label}", t.bytes) for t in peak.terms if t.bytes]
     rows += [(t.label, t.bytes) for t in est.overhead]
     for label, b in rows:
         lines.append(f"  {label[:width]:<{width}} {b / GiB:8.2f} GB")
