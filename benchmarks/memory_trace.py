@@ -308,6 +308,28 @@ def trace_trl_train(stage: str, s: dict, shapes: dict) -> dict:
         return snapshot(mt)
 
 
+def trace_dpo_heldout(s: dict, shapes: dict) -> dict:
+    """recipes/dpo.py completion_logps after training: plain forwards of per_device_eval_batch_size sequences whose
+    logits are cast to fp32 on the device (the trained model and its optimizer states still alive)."""
+    shape = shapes["policy"]
+    B = mem._int(s, "dpo", "per_device_eval_batch_size")
+    T = mem._int(s, "dpo", "max_length") or shape.max_position_embeddings
+    with fake_gpu_like():
+        model = train_model("dpo", s, shape, "causal")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        for p in params:
+            st = opt.state[p]
+            st["step"], st["exp_avg"], st["exp_avg_sq"] = torch.tensor(0.0), torch.zeros_like(p), torch.zeros_like(p)
+        ids, att = torch.randint(0, shape.vocab_size, (B, T)), torch.randint(0, 2, (B, T))
+        model.eval()
+        mt = track(model, opt, ids, att)
+        with mt, torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=att).logits.float()  # (B, T, V), then .cpu() in the stage
+            del logits
+        return snapshot(mt)
+
+
 def frozen_models(stage: str, s: dict, shapes: dict) -> list:
     """Models a stage keeps next to the trained one: the reward model (fp32 in alignment.ppo.load_reward_model)."""
     out = []
@@ -463,6 +485,8 @@ def trace_stage(stage: str, s: dict, shapes: dict) -> dict[str, dict]:
     out = {}
     if stage in ("sft", "reward", "dpo"):
         out["train"] = trace_trl_train(stage, s, shapes)
+        if stage == "dpo":
+            out["heldout"] = trace_dpo_heldout(s, shapes)
     elif stage in ("rloo", "grpo"):
         out["train"] = trace_trl_train(stage, s, shapes)
         P = int(s.get("prompt_length") or mem.DEFAULT_PROMPT_LENGTH)
