@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("evals.harness", "score a model: perplexity / bits-per-byte, multiple choice, preference, win rate"),
     "compare": ("evals.compare", "compare eval reports side by side, marking deltas within noise"),
     "serve": ("recipes.serve", "serve models: OpenAI-compatible API, chat page, blind arena whose votes become preference data"),
+    "memory": ("recipes.memory", "will it fit? peak GPU memory of a stage YAML from config.json alone, per 16/24 GB card"),
     "run": ("recipes.run", "run a whole recipe directory stage by stage and write a report (align run recipes/tiny)"),
 }
 

@@ -9,7 +9,7 @@ from alignment.cli import STAGES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 YAMLS = sorted(p for p in RECIPES.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-NOT_STAGE_CONFIGS = {"pipeline", "accelerate", "fsdp", "deepspeed"}  # read by `align run` or by accelerate, not a stage
+NOT_STAGE_CONFIGS = {"pipeline", "accelerate", "fsdp", "deepspeed", "ddp"}  # read by `align run` or by accelerate, not a stage
 
 
 def stage_of(path: Path) -> str | None:
