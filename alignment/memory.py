@@ -949,6 +949,13 @@ def _sft_like(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -
     return Estimate(stage, resident, phases, notes, n, sharding)
 
 
+def uses_reward_model(settings: dict) -> bool:
+    """Whether the online RL stages' `rewards` (default: model, ends_at_end_of_turn) include the reward model
+    (alignment.rewards.needs_reward_model; not imported: that module pulls in torch)."""
+    specs = settings.get("rewards") or ["model"]
+    return any(str(spec).split("@")[0].split(":")[0] == "model" for spec in specs)
+
+
 def _reward_model_terms(settings: dict, stage: str, shape: ModelShape) -> tuple[Precision, list[Term]]:
     """The frozen reward model of PPO/RLOO/GRPO: fp32 (alignment.ppo.load_reward_model) or 8-bit (fp16 rest)."""
     if _get(settings, stage, "reward_load_in_8bit"):
@@ -1003,8 +1010,8 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
             "optimizer",
         )
     )
-    rm_shape = shapes["reward"]
-    rm_prec, rm_terms = _reward_model_terms(settings, stage, rm_shape)
+    rm_prec, rm_terms = (_reward_model_terms(settings, stage, shapes["reward"]) if "reward" in shapes
+                         else (None, []))
     resident += [replace(t, kind="models") for t in rm_terms]
     grads = [Term("gradients of the trainable params", count * pbytes + vcount * 4, "grads")]
 
@@ -1033,7 +1040,8 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         ),
         Phase(
             f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True),
+            scoring_terms(shapes["reward"], rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True)
+            if "reward" in shapes else [],  # rewards without a model (a checker, a function) hold no tensors
         ),
     ]
     kept, _ = activation_terms(shape, prec, lora, micro, T, checkpointing=False)
@@ -1072,7 +1080,7 @@ def _ppo(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
         f"prompts assumed {P} tokens (--prompt_length N to change)",
         "the experience forward runs the whole rollout batch at once; rollout_batch_size bounds it",
     ]
-    return Estimate(stage, resident, phases, notes, n, sharding)
+    return Estimate(stage, resident, [p for p in phases if p.terms], notes, n, sharding)
 
 
 def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
@@ -1085,8 +1093,8 @@ def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> 
     beta = float(_get(settings, stage, "beta") or 0.0)
     if lora is None and beta > 0:
         resident += [replace(t, kind="models") for t in weight_terms(shape, prec, "causal", "reference (frozen copy)")]
-    rm_shape = shapes["reward"]
-    rm_prec, rm_terms = _reward_model_terms(settings, stage, rm_shape)
+    rm_prec, rm_terms = (_reward_model_terms(settings, stage, shapes["reward"]) if "reward" in shapes
+                         else (None, []))
     resident += [replace(t, kind="models") for t in rm_terms]
     B = _int(settings, stage, "per_device_train_batch_size")
     steps = settings.get("steps_per_generation") or _int(settings, stage, "gradient_accumulation_steps")
@@ -1105,7 +1113,8 @@ def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> 
         ),
         Phase(
             f"reward scoring ({_int(settings, stage, 'reward_batch_size')} sequences)",
-            scoring_terms(rm_shape, rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True),
+            scoring_terms(shapes["reward"], rm_prec, _int(settings, stage, "reward_batch_size"), T, "reward model", cache=True)
+            if "reward" in shapes else [],  # rewards without a model (a checker, a function) hold no tensors
         ),
         _train_phase(
             f"training micro-batch ({B} x {T} tokens)", shape, prec, lora, B, T, ckpt, liger, "fused", grads, accumulate
@@ -1113,7 +1122,7 @@ def _online(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> 
         _optimizer_phase(grads),
     ]
     notes = [f"prompts assumed {P} tokens (--prompt_length N to change)"]
-    return Estimate(stage, resident, phases, notes, n, sharding)
+    return Estimate(stage, resident, [p for p in phases if p.terms], notes, n, sharding)
 
 
 def _pairs(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
@@ -1292,11 +1301,11 @@ def estimate(
     if stage in ("sft", "reward", "dpo"):
         return _sft_like(stage, settings, shapes, num_processes, sharding)
     if stage in ("rloo", "grpo"):
-        if "reward" not in shapes:
+        if "reward" not in shapes and uses_reward_model(settings):
             raise UserError(f"{stage}: no reward_model; expected a reward model directory in the config")
         return _online(stage, settings, shapes, num_processes, sharding)
     if stage == "ppo":
-        if "reward" not in shapes:
+        if "reward" not in shapes and uses_reward_model(settings):
             raise UserError("ppo: no reward_model; expected a reward model directory in the config")
         return _ppo(settings, shapes, num_processes, sharding)
     if stage == "pairs":
@@ -1491,7 +1500,7 @@ def shapes_for(stage: str, settings: dict, config_of=None) -> dict[str, ModelSha
         shapes["policy"] = shape(key)
     else:
         raise UserError(f"{stage}: no {key}; expected the model the stage loads")
-    if stage in ("ppo", "rloo", "grpo", "pairs", "eval") and settings.get("reward_model"):
+    if stage in ("ppo", "rloo", "grpo", "pairs", "eval") and settings.get("reward_model") and uses_reward_model(settings):
         shapes["reward"] = shape("reward_model")
     if stage == "ppo" and settings.get("value_model") not in (None, "", "policy"):
         shapes["value"] = shape("value_model")

@@ -176,17 +176,14 @@ def dtype_of(name: str, shape: mem.ModelShape) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-class Args:
-    """The LoRA fields alignment.modeling.lora_config reads, from a settings mapping."""
+def lora_args(s: dict, **fields):
+    """A TRL ModelConfig with the LoRA fields alignment.modeling.lora_config reads, from a settings mapping."""
+    from alignment.compat import ModelConfig
 
-    def __init__(self, s: dict):
-        self.lora_r = int(s.get("lora_r") or 16)
-        self.lora_alpha = int(s.get("lora_alpha") or 32)
-        self.lora_dropout = float(s.get("lora_dropout") if s.get("lora_dropout") is not None else 0.05)
-        self.lora_target_modules = s.get("lora_target_modules")
-        self.lora_modules_to_save = None
-        self.use_rslora = False
-        self.use_dora = False
+    dropout = s.get("lora_dropout")
+    return ModelConfig(model_name_or_path="x", use_peft=True, lora_r=int(s.get("lora_r") or 16),
+                       lora_alpha=int(s.get("lora_alpha") or 32), lora_dropout=float(0.05 if dropout is None else dropout),
+                       lora_target_modules=s.get("lora_target_modules"), **fields)
 
 
 def snapshot(mt) -> dict[str, float]:
@@ -255,7 +252,7 @@ def train_model(stage: str, s: dict, shape: mem.ModelShape, kind: str):
         }[stage]
         add_fused_lm_head(model, outputs=outputs)
     if s.get("use_peft"):
-        model = add_lora(model, Args(s), "SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
+        model = add_lora(model, lora_args(s), "SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
     if stage != "ppo" and mem._get(s, stage, "gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s.get("use_peft"):
@@ -642,19 +639,11 @@ def run_quantized_small(stage: str, s: dict, shape: mem.ModelShape, T: int = 128
         cls.from_config(
             hf_config(shape, num_labels=1) if kind == "reward" else hf_config(shape), dtype=torch.bfloat16
         ).save_pretrained(tmp)
-        margs = SimpleNamespace(
-            dtype=str(mem._get(s, stage, "dtype")),
-            load_in_8bit=bool(s.get("load_in_8bit")),
-            load_in_4bit=bool(s.get("load_in_4bit")),
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_quant_storage=None,
-            use_peft=True,
-            model_revision="main",
-            attn_implementation="sdpa",
-            **vars(Args(s)),
-        )
+        margs = lora_args(s, dtype=str(mem._get(s, stage, "dtype")), load_in_8bit=bool(s.get("load_in_8bit")),
+                          load_in_4bit=bool(s.get("load_in_4bit")), bnb_4bit_quant_type="nf4",
+                          attn_implementation="sdpa")
         ckpt = bool(mem._get(s, stage, "gradient_checkpointing"))
-        model = load_model(tmp, margs, kind, SimpleNamespace(pad_token_id=0), ckpt)
+        model = load_model(tmp, margs, kind, SimpleNamespace(pad_token_id=0), training=True, gradient_checkpointing=ckpt)
     if kind == "causal":
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = add_lora(model, margs, "SEQ_CLS" if kind == "reward" else "CAUSAL_LM")

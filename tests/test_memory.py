@@ -138,11 +138,11 @@ def test_stage_defaults_match_the_config_classes():
         "eval": defaults(EvalConfig),
         "pretrain": defaults(PretrainConfig),
     }
-    online = {"reward_load_in_8bit", "reward_batch_size"}  # alignment.ppo.OnlineRLArguments
+    online = {"reward_load_in_8bit", "reward_batch_size"}  # alignment.rewards.OnlineRLArguments
     for stage, ours in mem.STAGE_DEFAULTS.items():
         for key, value in ours.items():
             if stage in ("rloo", "grpo") and key in online:
-                from alignment.ppo import OnlineRLArguments
+                from alignment.rewards import OnlineRLArguments
 
                 assert getattr(OnlineRLArguments(), key) == value, (stage, key)
                 continue
