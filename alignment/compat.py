@@ -112,3 +112,4 @@ class StrictTrlParser(TrlParser):
             field = copy.copy(field)
             field.metadata = types.MappingProxyType({k: v for k, v in field.metadata.items() if k != "range"})
         return TrlParser._parse_dataclass_field(parser, field)
+
