@@ -97,26 +97,33 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError(f"prefix_tokens: {cfg.prefix_tokens}; expected fewer than seq_len ({cfg.seq_len})")
 
 
-def fresh_draft(cfg: DistillConfig, target_config, tokenizer):
-    """A new Llama with the target's vocabulary and context, of the configured shape (transformers' initialization)."""
-    from transformers import LlamaForCausalLM
-
+def draft_shape(cfg: DistillConfig, target_config):
+    """The fresh draft's LlamaShape: the configured size with the target's vocabulary and context (checked)."""
     from alignment.modeling import context_length
-    from pretrain.export import special_ids
-    from pretrain.model import LlamaShape, to_hf_config
+    from pretrain.model import LlamaShape
 
-    text = target_config.get_text_config()
-    shape = LlamaShape(vocab_size=text.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                       num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=context_length(target_config))
+    shape = LlamaShape(vocab_size=target_config.get_text_config().vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                       max_position_embeddings=context_length(target_config))
     try:
         shape.validate()
     except ValueError as e:
         raise UserError(f"draft shape: {e}") from None
+    return shape
+
+
+def fresh_draft(shape, tokenizer, seed: int):
+    """A new Llama of `shape` (transformers' initialization, seeded) with the tokenizer's special token ids."""
+    from transformers import LlamaForCausalLM
+
+    from pretrain.export import special_ids
+    from pretrain.model import to_hf_config
+
     ids = special_ids(tokenizer)
     config = to_hf_config(shape, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
     config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
@@ -216,6 +223,7 @@ def main(cfg: DistillConfig) -> dict:
     context = context_length(tconfig)
     if cfg.seq_len > context:
         raise UserError(f"seq_len: {cfg.seq_len} is longer than the target's context of {context} tokens")
+    shape = None if cfg.init else draft_shape(cfg, tconfig)
     if cfg.init:
         check_model_dir(cfg.init, "init")
         if not same_tokenizer(tok, load_tokenizer(cfg.init)):
@@ -247,7 +255,7 @@ def main(cfg: DistillConfig) -> dict:
     if cfg.init:
         draft = load_model(cfg.init, tokenizer=tok, training=True, device=device, dtype="float32")
     else:
-        draft = fresh_draft(cfg, tconfig, tok).to(device)
+        draft = fresh_draft(shape, tok, cfg.seed).to(device)
     draft.train().requires_grad_(True)
     _, n_draft = count_parameters(draft)
     _, n_target = count_parameters(target)
