@@ -201,6 +201,21 @@ def agreement(target, draft, seqs: list[dict], pad: int, device, batch_size: int
     return {"top1_agreement": hits / max(total, 1), "kl": kl_sum / max(kl_n, 1.0)}
 
 
+def acceptance(target, draft, held_out: list[dict], cfg: DistillConfig, tokenizer, n_prompts: int = 8) -> float | None:
+    """The acceptance rate of greedy speculative decoding with one draft token per target pass (the probability that
+    the target keeps a drafted token, whatever the draft length) on the prompts of up to `n_prompts` held-out target
+    outputs. None without held-out outputs."""
+    from alignment.sampling import SamplingParams, SpeculativeStats, speculative_decode, stop_token_ids
+
+    if not held_out:
+        return None
+    stats = SpeculativeStats()
+    params = SamplingParams(max_new_tokens=min(cfg.sample_tokens, cfg.seq_len - 1), temperature=0)
+    for s in held_out[:n_prompts]:
+        speculative_decode(target, draft, s["prompt"], params, stop_token_ids(tokenizer, target), 1, stats=stats)
+    return round(stats.acceptance_rate, 4)
+
+
 def main(cfg: DistillConfig) -> dict:
     """Validate, sample the target's outputs, train the draft on them (and on corpus windows), write it."""
     from tqdm.auto import tqdm
@@ -273,7 +288,7 @@ def main(cfg: DistillConfig) -> dict:
             for c in group:
                 ids = (p + c.token_ids)[-cfg.seq_len:]
                 n_out = min(len(c.token_ids), len(ids))
-                samples.append({"ids": ids, "ce": [0] * (len(ids) - n_out) + [1] * n_out})
+                samples.append({"ids": ids, "ce": [0] * (len(ids) - n_out) + [1] * n_out, "prompt": p})
     rng.shuffle(samples)
     n_eval = int(len(samples) * cfg.eval_fraction) if len(samples) >= 10 else 0
     eval_samples, train_samples = samples[:n_eval], samples[n_eval:]
@@ -285,6 +300,7 @@ def main(cfg: DistillConfig) -> dict:
         raise UserError("loss: ce needs target outputs to train on; got none (raise max_prompts or raw_prompts)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     before = agreement(target, draft, eval_set, pad, device)
+    before["acceptance"] = acceptance(target, draft, eval_samples, cfg, tok)
 
     # -- train: batches mix the target's outputs and corpus windows
     n_from_samples = cfg.batch_size if not train_windows else 0 if not train_samples else max(1, round(cfg.batch_size * cfg.sample_fraction))
@@ -307,6 +323,7 @@ def main(cfg: DistillConfig) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     use_kl, use_ce = "kl" in cfg.loss, "ce" in cfg.loss
+    draft.train()
     metrics = []
     bar = tqdm(range(cfg.max_steps), desc="distill", leave=False)
     for step in bar:
@@ -330,6 +347,7 @@ def main(cfg: DistillConfig) -> dict:
     bar.close()
     draft.eval()
     after = agreement(target, draft, eval_set, pad, device)
+    after["acceptance"] = acceptance(target, draft, eval_samples, cfg, tok)
 
     summary = {
         "target": cfg.target, "target_parameters": n_target, "draft_parameters": n_draft,
@@ -338,6 +356,7 @@ def main(cfg: DistillConfig) -> dict:
         "corpus_windows": len(train_windows), "loss": cfg.loss, "steps": cfg.max_steps,
         "top1_agreement_before": round(before["top1_agreement"], 4), "top1_agreement_after": round(after["top1_agreement"], 4),
         "kl_before": float(f"{before['kl']:.4g}"), "kl_after": float(f"{after['kl']:.4g}"),
+        "greedy_acceptance_before": before["acceptance"], "greedy_acceptance_after": after["acceptance"],
         "seconds": round(time.time() - t0, 1),
     }
     with atomic_dir(cfg.output_dir, cfg.overwrite, stage="distill") as tmp:
@@ -353,7 +372,9 @@ def main(cfg: DistillConfig) -> dict:
     print(f"distill: draft {n_draft / 1e6:.2f}M parameters for target {n_target / 1e6:.2f}M ({summary['parameter_ratio']}x), "
           f"{len(samples)} target outputs + {len(train_windows)} corpus windows, {cfg.max_steps} steps: top-1 agreement "
           f"{summary['top1_agreement_before']:.3f} -> {summary['top1_agreement_after']:.3f}, KL {summary['kl_before']:.3f} -> "
-          f"{summary['kl_after']:.3f} on held-out {summary['held_out']}; -> {cfg.output_dir} in {summary['seconds']:.0f}s", file=sys.stderr)
+          f"{summary['kl_after']:.3f} on held-out {summary['held_out']}"
+          + (f", greedy acceptance {before['acceptance']:.3f} -> {after['acceptance']:.3f}" if after["acceptance"] is not None else "")
+          + f"; -> {cfg.output_dir} in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary
 
 
