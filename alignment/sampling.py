@@ -236,8 +236,8 @@ def logits_processors(params: SamplingParams) -> list:
     only) temperature, top-k, top-p, min-p. Speculative decoding applies the same ones to the target and the draft,
     each called as `proc(ids (1, L), scores (1, V))` (a plain list: transformers' LogitsProcessorList inspects every
     processor's signature on every call, ~1 ms a token on a CPU)."""
-    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
 
     procs = []
     if params.repetition_penalty != 1.0:
@@ -258,9 +258,10 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor) -> tup
     """The accept/reject rule of speculative sampling (Leviathan et al. 2023, Chen et al. 2023).
 
     p (k+1, V): the target's distributions at the k drafted positions and one past them; q (k, V): the draft's
-    distributions the k `drafted` tokens were sampled from. Draft token i is kept with probability min(1, p_i(x)/q_i(x));
-    at the first rejection the next token is sampled from max(p_i - q_i, 0), normalized, and when all k are kept, from
-    p_k. Whatever q is, the tokens produced follow p exactly. Returns (number of drafted tokens kept, next token)."""
+    distributions the k `drafted` tokens were sampled from. Draft token i is kept with probability
+    min(1, p_i(x)/q_i(x)); at the first rejection the next token is sampled from max(p_i - q_i, 0), normalized, and
+    when all k are kept, from p_k. Whatever q is, the tokens produced follow p exactly. Returns (number of drafted
+    tokens kept, next token)."""
     k = drafted.numel()
     pos = torch.arange(k)
     px, qx = p[pos, drafted], q[pos, drafted]  # (k,)
@@ -293,7 +294,8 @@ def _forward(model, ids: torch.Tensor, cache, last_only: bool = False):
     import inspect
 
     # a prefill needs no logits at all; models that can skip the vocabulary projection say so in their signature
-    kwargs = {"logits_to_keep": 1} if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    skip = last_only and "logits_to_keep" in inspect.signature(model.forward).parameters
+    kwargs = {"logits_to_keep": 1} if skip else {}
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
     return out.logits.float(), out.past_key_values
 
@@ -302,7 +304,7 @@ def _forward(model, ids: torch.Tensor, cache, last_only: bool = False):
 def speculative_decode(model, draft, prompt: list[int], params: SamplingParams, stop_ids: list[int],
                        num_draft_tokens: int = 4, schedule: str = "constant", streamer=None,
                        stats: SpeculativeStats | None = None, accept=accept_draft) -> list[int]:
-    """The new tokens (up to and including a stop token, at most max_new_tokens) for one prompt, by speculative decoding.
+    """The new tokens (up to and including a stop token, at most max_new_tokens) of one prompt, decoded speculatively.
 
     Each round the draft proposes up to k tokens one by one (k = num_draft_tokens; `schedule` "adaptive" grows k by 2
     after a round with every draft kept and shrinks it by 1 otherwise, as transformers' heuristic does), then the
@@ -349,7 +351,8 @@ def speculative_decode(model, draft, prompt: list[int], params: SamplingParams, 
         # 2. verify: the target scores the pending token and every draft in one pass
         logits, t_cache = _forward(model, seq[:, t_len:], t_cache)
         logits = logits[0, -(len(drafted) + 1):]  # (n_draft + 1, V)
-        scores = torch.stack([process(procs, seq[:, :L + i], logits[i:i + 1])[0] for i in range(len(drafted) + 1)])  # (n_draft + 1, V)
+        scores = torch.stack([process(procs, seq[:, :L + i], logits[i:i + 1])[0]
+                              for i in range(len(drafted) + 1)])  # (n_draft + 1, V)
         d = torch.tensor(drafted, dtype=torch.long, device=device)
         if params.greedy:
             best = scores.argmax(-1)  # (n_draft + 1,)
@@ -360,7 +363,7 @@ def speculative_decode(model, draft, prompt: list[int], params: SamplingParams, 
         else:
             n, nxt = 0, int(torch.multinomial(torch.softmax(scores[0], -1), 1))
         kept = drafted[:n] + [nxt]
-        # 3. roll back both caches to the accepted tokens (the target's holds ids + drafts, the draft's all but its last)
+        # 3. roll back both caches to the accepted tokens (the target's holds ids + drafts, the draft's all but one)
         crop_cache(t_cache, len(drafted) - n)
         t_len = L + n
         if d_len > L + n:
@@ -394,24 +397,33 @@ def speculative_decode(model, draft, prompt: list[int], params: SamplingParams, 
 class GenerationArguments:
     """The model, draft and sampling options shared by `align generate` and `align chat`."""
 
-    model: str = field(default="", metadata={"help": "A Hugging Face causal LM directory (a stage's merged/, an exported base) or hub name."})
-    adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory applied to `model` (its own base model)."})
+    model: str = field(default="", metadata={"help": "A Hugging Face causal LM directory (a stage's merged/, an "
+                                                     "exported base) or hub name."})
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory applied to `model` (its own "
+                                                                "base model)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
     dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU), float32, bfloat16 or float16."})
-    system: str | None = field(default=None, metadata={"help": "A system prompt put before the conversation (chat template only)."})
+    system: str | None = field(default=None, metadata={"help": "A system prompt put before the conversation (chat "
+                                                               "template only)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Most tokens generated per answer."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 = greedy decoding."})
     top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]."})
-    min_p: float = field(default=0.0, metadata={"help": "Drop tokens less likely than min_p times the most likely one (0 = off)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Divide the scores of tokens already present by this (1 = off)."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed: the same seed gives the same samples on the same machine."})
-    draft_model: str | None = field(default=None, metadata={"help": "A small model with the same tokenizer for speculative decoding (e.g. "
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much "
+                                                        "probability, in (0, 1]."})
+    min_p: float = field(default=0.0, metadata={"help": "Drop tokens less likely than min_p times the most likely one "
+                                                        "(0 = off)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Divide the scores of tokens already present by "
+                                                                     "this (1 = off)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed: the same seed gives the same samples on the same "
+                                                   "machine."})
+    draft_model: str | None = field(default=None, metadata={"help": "A small model with the same tokenizer for "
+                                                                    "speculative decoding (e.g. "
                                                                     "from `align distill`)."})
-    num_draft_tokens: int = field(default=4, metadata={"help": "Tokens the draft proposes per target pass (the start value when adaptive)."})
-    draft_schedule: str = field(default="constant", metadata={"help": f"Draft length: {' or '.join(DRAFT_SCHEDULES)} (+2 after a round "
-                                                                      "fully accepted, -1 otherwise)."})
+    num_draft_tokens: int = field(default=4, metadata={"help": "Tokens the draft proposes per target pass (the start "
+                                                               "value when adaptive)."})
+    draft_schedule: str = field(default="constant", metadata={
+        "help": f"Draft length: {' or '.join(DRAFT_SCHEDULES)} (+2 after a round fully accepted, -1 otherwise)."})
     cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default)."})
 
     def sampling_params(self, num_return_sequences: int = 1, where: str = "sampling") -> SamplingParams:
@@ -442,11 +454,12 @@ def check_generation_inputs(args: GenerationArguments):
         check_model_dir(args.draft_model, "draft_model")
         dconfig = load_config(args.draft_model, "draft_model")
         if not same_tokenizer(tok, load_tokenizer(args.draft_model)):
-            raise UserError(f"draft_model: {args.draft_model}: its tokenizer differs from the model's ({args.model}); expected the same "
-                            "tokenizer (train one with `align distill`)")
+            raise UserError(f"draft_model: {args.draft_model}: its tokenizer differs from the model's ({args.model}); "
+                            "expected the same tokenizer (train one with `align distill`)")
         tv, dv = config.get_text_config().vocab_size, dconfig.get_text_config().vocab_size
         if tv != dv:
-            raise UserError(f"draft_model: {args.draft_model}: vocab_size {dv} differs from the model's {tv}; expected the same vocabulary")
+            raise UserError(f"draft_model: {args.draft_model}: vocab_size {dv} differs from the model's {tv}; "
+                            "expected the same vocabulary")
         context = min(context, context_length(dconfig))
     return tok, context
 

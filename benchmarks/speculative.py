@@ -38,7 +38,8 @@ DATA = ROOT.parent / "shared" / "data" / "pretrain"
 
 def run(cmd: list[str]) -> None:
     """One `align` command, nice'd, with one torch thread (several times faster than two on a busy 2-core box)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT)}
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(["nice", "-n", "15", sys.executable, "-m", "alignment.cli", *cmd], check=True, cwd=ROOT, env=env)
@@ -49,24 +50,27 @@ def build() -> None:
     """The tokenizer, data, target, draft and distilled draft (skipping what exists)."""
     s = str(SPEC)
     if not (SPEC / "tokenizer").is_dir():
-        run(["tokenizer", "--config", "recipes/shakespeare/tokenizer.yaml", "--vocab_size", "2048", "--output_dir", f"{s}/tokenizer"])
+        run(["tokenizer", "--config", "recipes/shakespeare/tokenizer.yaml", "--vocab_size", "2048",
+             "--output_dir", f"{s}/tokenizer"])
     if not (SPEC / "packed").is_dir():
-        run(["prepare", "--config", "recipes/shakespeare/prepare.yaml", "--tokenizer", f"{s}/tokenizer", "--output_dir", f"{s}/packed",
-             "--num_proc", "1"])
-    common = ["--config", "recipes/shakespeare/pretrain.yaml", "--data_dir", f"{s}/packed", "--tokenizer", f"{s}/tokenizer",
-              "--max_steps", "500", "--eval_interval", "250", "--save_interval", "100", "--num_samples", "1"]
+        run(["prepare", "--config", "recipes/shakespeare/prepare.yaml", "--tokenizer", f"{s}/tokenizer",
+             "--output_dir", f"{s}/packed", "--num_proc", "1"])
+    common = ["--config", "recipes/shakespeare/pretrain.yaml", "--data_dir", f"{s}/packed", "--tokenizer",
+              f"{s}/tokenizer", "--max_steps", "500", "--eval_interval", "250", "--save_interval", "100",
+              "--num_samples", "1"]
     if not (SPEC / "target").is_dir():
         run(["pretrain", *common, "--output_dir", f"{s}/target_pretrain", "--export_dir", f"{s}/target"])
     if not (SPEC / "draft").is_dir():
-        run(["pretrain", *common, "--preset", "10m", "--hidden_size", "96", "--num_hidden_layers", "1", "--intermediate_size", "256",
-             "--num_attention_heads", "4", "--num_key_value_heads", "2", "--lr", "3e-3", "--output_dir", f"{s}/draft_pretrain",
-             "--export_dir", f"{s}/draft"])
+        run(["pretrain", *common, "--preset", "10m", "--hidden_size", "96", "--num_hidden_layers", "1",
+             "--intermediate_size", "256", "--num_attention_heads", "4", "--num_key_value_heads", "2", "--lr", "3e-3",
+             "--output_dir", f"{s}/draft_pretrain", "--export_dir", f"{s}/draft"])
     if not (SPEC / "draft_distilled").is_dir():
         run(["distill", "--target", f"{s}/target", "--init", f"{s}/draft", "--output_dir", f"{s}/draft_distilled",
              "--corpus", str(DATA / "tinyshakespeare.txt"), str(DATA / "gutenberg" / "austen-emma.txt"),
-             str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "640", "--prefix_tokens", "24",
-             "--sample_tokens", "104", "--sample_temperature", "0.8", "--loss", "kl", "--sample_fraction", "0.75", "--seq_len", "128",
-             "--batch_size", "16", "--max_steps", "400", "--lr", "1e-3", "--warmup_steps", "20", "--cpu_threads", "1"])
+             str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "640",
+             "--prefix_tokens", "24", "--sample_tokens", "104", "--sample_temperature", "0.8", "--loss", "kl",
+             "--sample_fraction", "0.75", "--seq_len", "128", "--batch_size", "16", "--max_steps", "400",
+             "--lr", "1e-3", "--warmup_steps", "20", "--cpu_threads", "1"])
 
 
 def prompts(tok, n: int, length: int = 24) -> list[list[int]]:
@@ -88,7 +92,6 @@ def prompts(tok, n: int, length: int = 24) -> list[list[int]]:
 def measure(a) -> dict:
     """Every method on every prompt, interleaved; returns the results table."""
     import torch
-    from transformers import GenerationConfig
 
     from alignment.modeling import count_parameters, load_model, load_tokenizer
     from alignment.sampling import SamplingParams, SpeculativeStats, generate, generation_config, pad_id, stop_token_ids
@@ -97,7 +100,8 @@ def measure(a) -> dict:
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(SPEC / "target")
     target = load_model(SPEC / "target", tokenizer=tok)
-    drafts = {"pretrained": load_model(SPEC / "draft", tokenizer=tok), "distilled": load_model(SPEC / "draft_distilled", tokenizer=tok)}
+    drafts = {"pretrained": load_model(SPEC / "draft", tokenizer=tok),
+              "distilled": load_model(SPEC / "draft_distilled", tokenizer=tok)}
     old = load_hf(SPEC / "target").eval()
     n_target, n_draft = count_parameters(target)[1], count_parameters(drafts["pretrained"])[1]
     ps = prompts(tok, a.prompts)
@@ -108,14 +112,16 @@ def measure(a) -> dict:
     def ours(params, draft=None, k=4, schedule="constant"):
         def fn(p, i):
             stats = SpeculativeStats()
-            (c,), = generate(target, tok, [p], SamplingParams(**{**params.__dict__, "seed": params.seed + i}), draft_model=draft,
-                             num_draft_tokens=k, draft_schedule=schedule, stats=stats)
+            seeded = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            (c,), = generate(target, tok, [p], seeded, draft_model=draft, num_draft_tokens=k, draft_schedule=schedule,
+                             stats=stats)
             return c.token_ids, stats
         return fn
 
     def hf_plain(p, i):
         ids = torch.tensor([p])
-        out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation_config(greedy, stops, pad_id(tok)))
+        gen = generation_config(greedy, stops, pad_id(tok))
+        out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         return _cut(out[0, len(p):].tolist(), stops), None
 
     def hf_assisted(k):
@@ -127,7 +133,8 @@ def measure(a) -> dict:
             d.generation_config.assistant_confidence_threshold = 0.0  # draft k tokens every round, as ours does
             ids = torch.tensor([p])
             gen = generation_config(greedy, stops, pad_id(tok))
-            out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen, assistant_model=d)
+            out = target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                                  assistant_model=d)
             return _cut(out[0, len(p):].tolist(), stops), None
         return fn
 
@@ -148,7 +155,8 @@ def measure(a) -> dict:
         methods[f"greedy: speculative, {name} draft, adaptive from k=4"] = ours(greedy, drafts[name], 4, "adaptive")
     methods[f"sampled T={a.temperature}: alignment.sampling.generate, KV cache"] = ours(sampled)
     for name in ("pretrained", "distilled"):
-        methods[f"sampled T={a.temperature}: speculative, {name} draft, k={a.sample_k}"] = ours(sampled, drafts[name], a.sample_k)
+        name_k = f"sampled T={a.temperature}: speculative, {name} draft, k={a.sample_k}"
+        methods[name_k] = ours(sampled, drafts[name], a.sample_k)
 
     results = {m: {"seconds": 0.0, "tokens": 0, "outputs": [], "stats": SpeculativeStats()} for m in methods}
     for r in range(a.repeats):
@@ -175,13 +183,15 @@ def measure(a) -> dict:
         is_greedy = m.startswith("greedy")
         same = sum(a_ == b_ for a_, b_ in zip(r["outputs"], reference["outputs"])) if is_greedy else None
         st = r["stats"]
-        rows.append({"method": m, "tokens": r["tokens"], "seconds": round(r["seconds"], 2), "tokens_per_s": round(rate, 1),
+        rows.append({"method": m, "tokens": r["tokens"], "seconds": round(r["seconds"], 2),
+                     "tokens_per_s": round(rate, 1),
                      "speedup": round(rate / (base_rate if is_greedy else sampled_rate), 2),
                      "identical_to_plain_greedy": f"{same}/{len(ps)}" if same is not None else "",
                      "acceptance_rate": round(st.acceptance_rate, 3) if st.drafted else None,
                      "tokens_per_target_pass": round(st.tokens_per_pass, 2) if st.target_passes else None})
     summary = {"date": time.strftime("%Y-%m-%d"), "machine": a.machine, "threads": a.threads, "prompts": len(ps),
-               "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "target_parameters": n_target, "draft_parameters": n_draft,
+               "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "target_parameters": n_target,
+               "draft_parameters": n_draft,
                "parameter_ratio": round(n_target / n_draft, 1), "rows": rows}
     for name, d in (("pretrained", SPEC / "draft"), ("distilled", SPEC / "draft_distilled")):
         f = d / "summary.json"
@@ -200,9 +210,10 @@ def _cut(ids: list[int], stops: list[int]) -> list[int]:
 
 def table(summary: dict) -> str:
     """The results as a markdown table."""
-    lines = [f"target {summary['target_parameters'] / 1e6:.2f}M parameters, draft {summary['draft_parameters'] / 1e6:.2f}M "
-             f"({summary['parameter_ratio']}x smaller); {summary['prompts']} prompts x {summary['max_new_tokens']} new tokens, "
-             f"{summary['repeats']} round(s), {summary['threads']} torch thread(s), {summary['machine']}, {summary['date']}", "",
+    lines = [f"target {summary['target_parameters'] / 1e6:.2f}M parameters, draft "
+             f"{summary['draft_parameters'] / 1e6:.2f}M ({summary['parameter_ratio']}x smaller); {summary['prompts']} "
+             f"prompts x {summary['max_new_tokens']} new tokens, {summary['repeats']} round(s), {summary['threads']} "
+             f"torch thread(s), {summary['machine']}, {summary['date']}", "",
              "| method | tokens/s | speedup | identical to plain greedy | acceptance rate | tokens per target pass |",
              "|---|---|---|---|---|---|"]
     for r in summary["rows"]:

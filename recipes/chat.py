@@ -39,7 +39,8 @@ def fit_context(tokenizer, system: str | None, history: list[dict], user: str, r
 
     dropped = 0
     while True:
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": user}]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages = messages + history + [{"role": "user", "content": user}]
         ids = encode_chat(tokenizer, messages, add_generation_prompt=True)["input_ids"]
         if len(ids) <= room or not history:
             return ids, dropped
@@ -50,16 +51,19 @@ def fit_context(tokenizer, system: str | None, history: list[dict], user: str, r
 def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
     """Run the conversation loop over `stdin` (default: the terminal or pipe); returns one record per turn
     ({"user", "reply", "prompt_ids", "reply_ids", "finish_reason", "dropped"})."""
-    from alignment.sampling import SpeculativeStats, TextStream, check_generation_inputs, generate, load_generation_models, stop_token_ids
+    from alignment.sampling import (SpeculativeStats, TextStream, check_generation_inputs, generate,
+                                    load_generation_models, stop_token_ids)
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     params = cfg.sampling_params(where="chat")
     tok, context = check_generation_inputs(cfg)
     if not tok.chat_template:
-        raise UserError(f"model: {cfg.model}: its tokenizer has no chat template; expected a chat model (or use `align generate --raw true`)")
+        raise UserError(f"model: {cfg.model}: its tokenizer has no chat template; expected a chat model "
+                        "(or use `align generate --raw true`)")
     if cfg.max_new_tokens >= context:
-        raise UserError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model context of {context} tokens")
+        raise UserError(f"max_new_tokens: {cfg.max_new_tokens} leaves no room for a prompt in the model context of "
+                        f"{context} tokens")
     model, draft = load_generation_models(cfg, tok)
     stops = stop_token_ids(tok, model)
     interactive = stdin.isatty() if hasattr(stdin, "isatty") else False
@@ -72,7 +76,8 @@ def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
         stdout.flush()
 
     if interactive:
-        note(f"chat with {cfg.model}" + (f" (draft {cfg.draft_model})" if draft is not None else "") + f"; commands: {COMMANDS}")
+        with_draft = f" (draft {cfg.draft_model})" if draft is not None else ""
+        note(f"chat with {cfg.model}{with_draft}; commands: {COMMANDS}")
     system, history, turns = cfg.system, [], []
     stats = SpeculativeStats()
     tokens, seconds = 0, 0.0
@@ -107,7 +112,8 @@ def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
         if dropped:
             note(f"dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit the context of {context} tokens")
         if len(ids) + cfg.max_new_tokens > context:
-            note(f"message too long: {len(ids)} tokens with max_new_tokens {cfg.max_new_tokens} exceed the context of {context}; not sent")
+            note(f"message too long: {len(ids)} tokens with max_new_tokens {cfg.max_new_tokens} exceed the context of "
+                 f"{context}; not sent")
             continue
         if interactive:
             write("assistant> ")
@@ -115,7 +121,8 @@ def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
         params.seed = cfg.seed + len(turns)
         t0 = time.perf_counter()
         (completion,), = generate(model, tok, [ids], params, draft_model=draft, num_draft_tokens=cfg.num_draft_tokens,
-                                  draft_schedule=cfg.draft_schedule, stats=stats, streamer=TextStream(tok, write, stops))
+                                  draft_schedule=cfg.draft_schedule, stats=stats,
+                                  streamer=TextStream(tok, write, stops))
         seconds += time.perf_counter() - t0
         tokens += len(completion.token_ids)
         write("\n")
@@ -123,7 +130,8 @@ def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
         turns.append({"user": line, "reply": completion.text, "prompt_ids": ids, "reply_ids": completion.token_ids,
                       "finish_reason": completion.finish_reason, "dropped": dropped})
     spec = f", draft acceptance {stats.acceptance_rate:.3f}" if draft is not None and stats.drafted else ""
-    print(f"chat: {len(turns)} turns, {tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s{spec})",
+    rate = tokens / max(seconds, 1e-9)
+    print(f"chat: {len(turns)} turns, {tokens} tokens in {seconds:.1f}s ({rate:.1f} tokens/s{spec})",
           file=sys.stderr)
     return turns
 

@@ -1,8 +1,8 @@
 """Train a draft model for speculative decoding: a small model that predicts what a given target model would say.
 
     align distill --config recipes/tiny/distill.yaml
-    align distill --target runs/spec/target --init runs/spec/draft --corpus ../shared/data/pretrain/tinyshakespeare.txt \\
-        --raw_prompts 256 --output_dir runs/spec/draft_distilled
+    align distill --target runs/spec/target --init runs/spec/draft \\
+        --corpus ../shared/data/pretrain/tinyshakespeare.txt --raw_prompts 256 --output_dir runs/spec/draft_distilled
 
 A draft pays off when the target keeps most of its tokens (the acceptance rate), so it is trained on what the target
 does rather than on the raw text alone:
@@ -44,28 +44,48 @@ LOSSES = ("kl", "ce", "kl+ce")
 class DistillConfig:
     """`align distill`: the target, the draft's start, the data and the training schedule."""
 
-    target: str = field(default="runs/tiny/dpo/merged", metadata={"help": "The model the draft will serve (a Hugging Face directory)."})
-    output_dir: str = field(default="runs/tiny/distill", metadata={"help": "Where the draft model directory is written."})
-    init: str | None = field(default=None, metadata={"help": "A small model with the target's tokenizer to start from (none = fresh Llama)."})
-    hidden_size: int = field(default=64, metadata={"help": "Fresh draft: hidden size.", "range": (2, None, True, True, ())})
-    num_hidden_layers: int = field(default=1, metadata={"help": "Fresh draft: layers.", "range": (1, None, True, True, ())})
-    intermediate_size: int = field(default=176, metadata={"help": "Fresh draft: MLP size.", "range": (1, None, True, True, ())})
-    num_attention_heads: int = field(default=4, metadata={"help": "Fresh draft: query heads.", "range": (1, None, True, True, ())})
-    num_key_value_heads: int = field(default=2, metadata={"help": "Fresh draft: key/value heads.", "range": (1, None, True, True, ())})
-    prompts_file: str | None = field(default=None, metadata={"help": "Chat prompts the target answers (rows with 'prompt' / 'messages', or .txt)."})
-    max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts of the file (0 = all).", "range": (0, None, True, True, ())})
-    corpus: list[str] = field(default_factory=list, metadata={"help": "Text files, globs or directories: KL windows and raw prompts."})
-    txt_split: str = field(default="paragraph", metadata={"help": "Documents of a .txt file: file, paragraph, line, or a separator line."})
-    raw_prompts: int = field(default=0, metadata={"help": "Corpus prefixes the target continues as plain text (base targets).",
+    target: str = field(default="runs/tiny/dpo/merged", metadata={"help": "The model the draft will serve (a Hugging "
+                                                                          "Face directory)."})
+    output_dir: str = field(default="runs/tiny/distill", metadata={"help": "Where the draft model directory is "
+                                                                           "written."})
+    init: str | None = field(default=None, metadata={"help": "A small model with the target's tokenizer to start from "
+                                                             "(none = fresh Llama)."})
+    hidden_size: int = field(default=64, metadata={"help": "Fresh draft: hidden size.",
+                                                   "range": (2, None, True, True, ())})
+    num_hidden_layers: int = field(default=1, metadata={"help": "Fresh draft: layers.",
+                                                        "range": (1, None, True, True, ())})
+    intermediate_size: int = field(default=176, metadata={"help": "Fresh draft: MLP size.",
+                                                          "range": (1, None, True, True, ())})
+    num_attention_heads: int = field(default=4, metadata={"help": "Fresh draft: query heads.",
+                                                          "range": (1, None, True, True, ())})
+    num_key_value_heads: int = field(default=2, metadata={"help": "Fresh draft: key/value heads.",
+                                                          "range": (1, None, True, True, ())})
+    prompts_file: str | None = field(default=None, metadata={"help": "Chat prompts the target answers (rows with "
+                                                                     "'prompt' / 'messages', or .txt)."})
+    max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts of the file (0 = all).",
                                                   "range": (0, None, True, True, ())})
-    prefix_tokens: int = field(default=24, metadata={"help": "Length of those prefixes in tokens.", "range": (1, None, True, True, ())})
-    samples_per_prompt: int = field(default=1, metadata={"help": "Target outputs per prompt.", "range": (1, None, True, True, ())})
-    sample_tokens: int = field(default=64, metadata={"help": "Most tokens per target output.", "range": (1, None, True, True, ())})
-    sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the target's outputs (0 = greedy)."})
-    loss: str = field(default="kl", metadata={"help": f"One of {', '.join(LOSSES)}: KL to the target's logits, cross-entropy on its tokens, both."})
-    kl_temperature: float = field(default=1.0, metadata={"help": "Soften both distributions by this in the KL (scaled back by its square).",
+    corpus: list[str] = field(default_factory=list, metadata={"help": "Text files, globs or directories: KL windows "
+                                                                      "and raw prompts."})
+    txt_split: str = field(default="paragraph", metadata={"help": "Documents of a .txt file: file, paragraph, line, or "
+                                                                  "a separator line."})
+    raw_prompts: int = field(default=0, metadata={"help": "Corpus prefixes the target continues as plain text (base "
+                                                          "targets).",
+                                                  "range": (0, None, True, True, ())})
+    prefix_tokens: int = field(default=24, metadata={"help": "Length of those prefixes in tokens.",
+                                                     "range": (1, None, True, True, ())})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Target outputs per prompt.",
+                                                         "range": (1, None, True, True, ())})
+    sample_tokens: int = field(default=64, metadata={"help": "Most tokens per target output.",
+                                                     "range": (1, None, True, True, ())})
+    sample_temperature: float = field(default=1.0, metadata={"help": "Temperature of the target's outputs (0 = "
+                                                                     "greedy)."})
+    loss: str = field(default="kl", metadata={
+        "help": f"One of {', '.join(LOSSES)}: KL to the target's logits, cross-entropy on its tokens, both."})
+    kl_temperature: float = field(default=1.0, metadata={"help": "Soften both distributions by this in the KL (scaled "
+                                                                 "back by its square).",
                                                          "range": (0, None, False, True, ())})
-    sample_fraction: float = field(default=0.5, metadata={"help": "Share of each batch taken from the target's outputs when there is corpus "
+    sample_fraction: float = field(default=0.5, metadata={"help": "Share of each batch taken from the target's outputs "
+                                                                  "when there is corpus "
                                                                   "text too.", "range": (0, 1, True, True, ())})
     seq_len: int = field(default=128, metadata={"help": "Longest training sequence in tokens."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per step."})
@@ -74,9 +94,11 @@ class DistillConfig:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate as a fraction of lr."})
     warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the target's outputs held out to measure agreement."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the target's outputs held out to measure "
+                                                                "agreement."})
     cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the fresh draft, the target's samples and the batch order."})
+    seed: int = field(default=0, metadata={"help": "Seed of the fresh draft, the target's samples and the batch order.",
+                                           })
     overwrite: bool = field(default=False, metadata={"help": "Replace a finished output_dir (one the suite wrote)."})
 
 
@@ -87,12 +109,13 @@ def check_config(cfg: DistillConfig) -> None:
     if not (cfg.prompts_file or cfg.corpus):
         raise UserError("data: no prompts_file and no corpus; expected at least one")
     if cfg.raw_prompts and not cfg.corpus:
-        raise UserError(f"raw_prompts: {cfg.raw_prompts} needs corpus text to take prefixes from; expected corpus files")
+        raise UserError(f"raw_prompts: {cfg.raw_prompts} needs corpus text to take prefixes from; "
+                        "expected corpus files")
     if cfg.loss != "kl" and not (cfg.prompts_file or cfg.raw_prompts):
         raise UserError(f"loss: {cfg.loss} trains on the target's sampled tokens; expected prompts_file or raw_prompts")
     if cfg.samples_per_prompt > 1 and cfg.sample_temperature == 0:
-        raise UserError(f"samples_per_prompt: {cfg.samples_per_prompt} with greedy outputs (sample_temperature 0) would repeat one "
-                        "output; expected sample_temperature > 0")
+        raise UserError(f"samples_per_prompt: {cfg.samples_per_prompt} with greedy outputs (sample_temperature 0) "
+                        "would repeat one output; expected sample_temperature > 0")
     if cfg.prefix_tokens >= cfg.seq_len:
         raise UserError(f"prefix_tokens: {cfg.prefix_tokens}; expected fewer than seq_len ({cfg.seq_len})")
 
@@ -121,7 +144,8 @@ def fresh_draft(shape, tokenizer, seed: int):
     from pretrain.model import to_hf_config
 
     ids = special_ids(tokenizer)
-    config = to_hf_config(shape, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    config = to_hf_config(shape, bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"],
+                          pad_token_id=ids["pad_token_id"])
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -222,8 +246,8 @@ def main(cfg: DistillConfig) -> dict:
 
     from alignment.data import expand_paths, read_prompt_rows
     from alignment.io import atomic_dir, check_output_dir
-    from alignment.modeling import (check_model_dir, context_length, count_parameters, default_device, load_config, load_model,
-                                    load_tokenizer, local_model_dir, same_tokenizer)
+    from alignment.modeling import (check_model_dir, context_length, count_parameters, default_device, load_config,
+                                    load_model, load_tokenizer, local_model_dir, same_tokenizer)
     from alignment.sampling import SamplingParams, generate
     from alignment.tokens import encode_prompt
     from pretrain.train import lr_at
@@ -242,10 +266,12 @@ def main(cfg: DistillConfig) -> dict:
     if cfg.init:
         check_model_dir(cfg.init, "init")
         if not same_tokenizer(tok, load_tokenizer(cfg.init)):
-            raise UserError(f"init: {cfg.init}: its tokenizer differs from the target's ({cfg.target}); expected the same tokenizer")
+            raise UserError(f"init: {cfg.init}: its tokenizer differs from the target's ({cfg.target}); "
+                            "expected the same tokenizer")
         iv, tv = load_config(cfg.init, "init").get_text_config().vocab_size, tconfig.get_text_config().vocab_size
         if iv != tv:
-            raise UserError(f"init: {cfg.init}: vocab_size {iv} differs from the target's {tv}; expected the same vocabulary")
+            raise UserError(f"init: {cfg.init}: vocab_size {iv} differs from the target's {tv}; "
+                            "expected the same vocabulary")
         if context_length(load_config(cfg.init, "init")) < cfg.seq_len:
             raise UserError(f"seq_len: {cfg.seq_len} is longer than the init model's context")
     prompts = []
@@ -278,8 +304,8 @@ def main(cfg: DistillConfig) -> dict:
     # -- the target's own outputs: chat answers and raw continuations
     samples: list[dict] = []
     budget = min(cfg.sample_tokens, cfg.seq_len - 1)
-    params = SamplingParams(max_new_tokens=budget, temperature=cfg.sample_temperature, num_return_sequences=cfg.samples_per_prompt,
-                            seed=cfg.seed)
+    params = SamplingParams(max_new_tokens=budget, temperature=cfg.sample_temperature,
+                            num_return_sequences=cfg.samples_per_prompt, seed=cfg.seed)
     for source, plist in (("prompts", prompts), ("raw", raw)):
         if not plist:
             continue
@@ -303,7 +329,10 @@ def main(cfg: DistillConfig) -> dict:
     before["acceptance"] = acceptance(target, draft, eval_samples, cfg, tok)
 
     # -- train: batches mix the target's outputs and corpus windows
-    n_from_samples = cfg.batch_size if not train_windows else 0 if not train_samples else max(1, round(cfg.batch_size * cfg.sample_fraction))
+    if not train_windows:
+        n_from_samples = cfg.batch_size
+    else:
+        n_from_samples = max(1, round(cfg.batch_size * cfg.sample_fraction)) if train_samples else 0
     pools = {"samples": (train_samples, n_from_samples), "windows": (train_windows, cfg.batch_size - n_from_samples)}
     cursors = {k: len(v[0]) for k, v in pools.items()}
 
@@ -320,8 +349,8 @@ def main(cfg: DistillConfig) -> dict:
 
     decay = [p for p in draft.parameters() if p.dim() >= 2]
     no_decay = [p for p in draft.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     use_kl, use_ce = "kl" in cfg.loss, "ce" in cfg.loss
     draft.train()
     metrics = []
@@ -342,7 +371,8 @@ def main(cfg: DistillConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
-        metrics.append({"step": step + 1, "loss": float(loss), "kl": float(losses["kl"]), "ce": float(losses["ce"]), "lr": lr_at(step, cfg)})
+        metrics.append({"step": step + 1, "loss": float(loss), "kl": float(losses["kl"]), "ce": float(losses["ce"]),
+                        "lr": lr_at(step, cfg)})
         bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.close()
     draft.eval()
@@ -352,9 +382,11 @@ def main(cfg: DistillConfig) -> dict:
     summary = {
         "target": cfg.target, "target_parameters": n_target, "draft_parameters": n_draft,
         "parameter_ratio": round(n_target / n_draft, 2), "init": cfg.init or "fresh",
-        "target_outputs": len(samples), "held_out": "target outputs" if eval_samples else "corpus windows", "held_out_sequences": len(eval_set),
+        "target_outputs": len(samples), "held_out": "target outputs" if eval_samples else "corpus windows",
+        "held_out_sequences": len(eval_set),
         "corpus_windows": len(train_windows), "loss": cfg.loss, "steps": cfg.max_steps,
-        "top1_agreement_before": round(before["top1_agreement"], 4), "top1_agreement_after": round(after["top1_agreement"], 4),
+        "top1_agreement_before": round(before["top1_agreement"], 4),
+        "top1_agreement_after": round(after["top1_agreement"], 4),
         "kl_before": float(f"{before['kl']:.4g}"), "kl_after": float(f"{after['kl']:.4g}"),
         "greedy_acceptance_before": before["acceptance"], "greedy_acceptance_after": after["acceptance"],
         "seconds": round(time.time() - t0, 1),
@@ -369,12 +401,14 @@ def main(cfg: DistillConfig) -> dict:
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         save_config(tmp, cfg)
-    print(f"distill: draft {n_draft / 1e6:.2f}M parameters for target {n_target / 1e6:.2f}M ({summary['parameter_ratio']}x), "
-          f"{len(samples)} target outputs + {len(train_windows)} corpus windows, {cfg.max_steps} steps: top-1 agreement "
-          f"{summary['top1_agreement_before']:.3f} -> {summary['top1_agreement_after']:.3f}, KL {summary['kl_before']:.3f} -> "
-          f"{summary['kl_after']:.3f} on held-out {summary['held_out']}"
-          + (f", greedy acceptance {before['acceptance']:.3f} -> {after['acceptance']:.3f}" if after["acceptance"] is not None else "")
-          + f"; -> {cfg.output_dir} in {summary['seconds']:.0f}s", file=sys.stderr)
+    accept = (f", greedy acceptance {before['acceptance']:.3f} -> {after['acceptance']:.3f}"
+              if after["acceptance"] is not None else "")
+    print(f"distill: draft {n_draft / 1e6:.2f}M parameters for target {n_target / 1e6:.2f}M "
+          f"({summary['parameter_ratio']}x), "
+          f"{len(samples)} target outputs + {len(train_windows)} corpus windows, {cfg.max_steps} steps: top-1 "
+          f"agreement {summary['top1_agreement_before']:.3f} -> {summary['top1_agreement_after']:.3f}, KL "
+          f"{summary['kl_before']:.3f} -> {summary['kl_after']:.3f} on held-out {summary['held_out']}{accept}; "
+          f"-> {cfg.output_dir} in {summary['seconds']:.0f}s", file=sys.stderr)
     return summary
 
 

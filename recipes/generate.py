@@ -1,7 +1,8 @@
 """Generate answers from any causal LM: prompts in, completions out (JSONL), batched, optionally speculative.
 
     align generate --model runs/tiny/dpo/merged --prompt "What is 2 plus 3?" --prompt "Who is Alice's best friend?"
-    align generate --model runs/tiny/sft/merged --prompts_file runs/tiny/data/rl/prompts.jsonl --output runs/tiny/answers.jsonl
+    align generate --model runs/tiny/sft/merged --prompts_file runs/tiny/data/rl/prompts.jsonl \\
+        --output runs/tiny/answers.jsonl
     align generate --model runs/tiny/base --raw true --prompt "Alice" --temperature 0 --draft_model runs/tiny/distill
 
 Prompts come from `--prompt TEXT` (repeatable) and/or `--prompts_file`: a .txt file (one prompt per line) or rows
@@ -31,12 +32,15 @@ class GenerateConfig(GenerationArguments):
     """`align generate`: prompts, model and sampling options, output file."""
 
     prompt: list[str] = field(default_factory=list, metadata={"help": "A prompt (repeat --prompt for more)."})
-    prompts_file: str | None = field(default=None, metadata={"help": "Prompts: .txt (one per line) or rows with 'prompt' / 'messages'."})
-    output: str | None = field(default=None, metadata={"help": "Write the completions here (.jsonl); none = print them."})
+    prompts_file: str | None = field(default=None, metadata={"help": "Prompts: .txt (one per line) or rows with "
+                                                                     "'prompt' / 'messages'."})
+    output: str | None = field(default=None, metadata={"help": "Write the completions here (.jsonl); none = print "
+                                                               "them."})
     raw: bool = field(default=False, metadata={"help": "Continue the prompt text as is, without the chat template."})
     num_return_sequences: int = field(default=1, metadata={"help": "Completions per prompt (needs temperature > 0)."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (without a draft)."})
-    max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts of the file (0 = all).", "range": (0, None, True, True, ())})
+    max_prompts: int = field(default=0, metadata={"help": "Use at most this many prompts of the file (0 = all).",
+                                                  "range": (0, None, True, True, ())})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
 
@@ -92,8 +96,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
     for where, prompt in prompts:
         p = encode(tok, prompt, cfg.system, cfg.raw, where)
         if len(p) + cfg.max_new_tokens > context:
-            raise UserError(f"{where}: prompt is {len(p)} tokens; with max_new_tokens {cfg.max_new_tokens} that exceeds the model "
-                            f"context of {context} tokens")
+            raise UserError(f"{where}: prompt is {len(p)} tokens; with max_new_tokens {cfg.max_new_tokens} that "
+                            f"exceeds the model context of {context} tokens")
         ids.append(p)
 
     model, draft = load_generation_models(cfg, tok)
@@ -113,13 +117,15 @@ def main(cfg: GenerateConfig) -> list[dict]:
     else:
         for r in rows:
             shown = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
-            print(f"### {r['index']}" + (f".{r['sample']}" if cfg.num_return_sequences > 1 else "") + f" {shown}\n{r['completion']}\n")
+            label = f"{r['index']}.{r['sample']}" if cfg.num_return_sequences > 1 else f"{r['index']}"
+            print(f"### {label} {shown}\n{r['completion']}\n")
     tokens = sum(r["tokens"] for r in rows)
     spec = (f"; draft {cfg.draft_model}: acceptance {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.drafted}), "
             f"{stats.tokens_per_pass:.2f} tokens per target pass") if draft is not None else ""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"generate: {len(prompts)} prompts x {cfg.num_return_sequences} -> {tokens} tokens in {seconds:.1f}s "
-          f"({tokens / max(seconds, 1e-9):.1f} tokens/s, {device}){spec}" + (f"; -> {cfg.output}" if cfg.output else ""), file=sys.stderr)
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s, {device}){spec}"
+          + (f"; -> {cfg.output}" if cfg.output else ""), file=sys.stderr)
     return rows
 
 

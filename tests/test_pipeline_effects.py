@@ -23,6 +23,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 # steps (about 70 s together): with PPO at 10 updates its win rate was 0.525 ± 0.044, within noise.
 REDUCED = {
     "pretrain.yaml": {"max_steps": 350, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
+    "distill.yaml": {"max_steps": 30, "max_prompts": 96},
 }
 
 
@@ -93,3 +94,12 @@ def test_dpo_beats_sft_beyond_noise_and_stays_coherent(reduced_run):
     assert ok, numbers
     m = reduced_run[1]["models"]["dpo"]
     assert m["answers"]["well_formed_rate"] >= 0.9 and m["win_rate"]["kl"] < 3.0, m
+
+
+def test_distilled_draft_predicts_the_dpo_model(reduced_run):
+    """`align distill` trains the draft on the DPO model's own answers: its agreement with the DPO model and its
+    greedy acceptance rate rise from about zero (a fresh model)."""
+    summary = json.loads((reduced_run[0] / "runs" / "tiny" / "distill" / "summary.json").read_text())
+    assert summary["parameter_ratio"] >= 20
+    assert summary["top1_agreement_after"] > summary["top1_agreement_before"] + 0.1, summary
+    assert summary["greedy_acceptance_after"] > summary["greedy_acceptance_before"], summary
