@@ -67,9 +67,9 @@ def build() -> None:
     if not (SPEC / "draft_distilled").is_dir():
         run(["distill", "--target", f"{s}/target", "--init", f"{s}/draft", "--output_dir", f"{s}/draft_distilled",
              "--corpus", str(DATA / "tinyshakespeare.txt"), str(DATA / "gutenberg" / "austen-emma.txt"),
-             str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "640",
+             str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "800",
              "--prefix_tokens", "24", "--sample_tokens", "104", "--sample_temperature", "0.8", "--loss", "kl",
-             "--sample_fraction", "0.75", "--seq_len", "128", "--batch_size", "16", "--max_steps", "400",
+             "--sample_fraction", "0.75", "--seq_len", "128", "--batch_size", "16", "--max_steps", "300",
              "--lr", "1e-3", "--warmup_steps", "20", "--cpu_threads", "1"])
 
 
