@@ -9,14 +9,15 @@ Build (each step skipped when its output exists; every command nice'd, one torch
    Carroll, Milton from ../shared/data/pretrain);
 2. the target: `align pretrain`, the '10m' preset (7.48M parameters), 500 steps of 8 x 256 tokens;
 3. the draft: `align pretrain`, 1 layer of width 96 (0.30M parameters, 25x smaller), 500 steps on the same data;
-4. the distilled draft: `align distill` from that draft, on the target's own continuations of corpus prefixes and
-   its logits on corpus windows.
+4. two distilled drafts: `align distill` from that draft, KL to the target's logits on its own continuations of 1600
+   corpus prefixes (90% of each batch) and on corpus windows: greedy continuations for greedy decoding
+   (runs/spec/draft_greedy), continuations sampled at T=0.8 for sampling (runs/spec/draft_sampled).
 
 Measure (prompts: the first 24 tokens of paragraphs of Julius Caesar and Chesterton's Father Brown, texts no model
 saw; max_new_tokens each; every method runs on every prompt before the next prompt, so load changes hit all alike):
 - the old cache-less loop (pretrain/model.py `Llama.generate`), transformers' `generate` and alignment.sampling's
   `generate` (the same call), all greedy;
-- transformers' assisted generation (`assistant_model=`) with the distilled draft;
+- transformers' assisted generation (`assistant_model=`) with the greedy-distilled draft;
 - alignment.sampling's speculative decoding with each draft and several draft lengths, greedy and sampled.
 Prints a markdown table (copied into docs/benchmarks.md) and writes runs/spec/results.json.
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "runs" / "spec"
 DATA = ROOT.parent / "shared" / "data" / "pretrain"
+DRAFTS = {"pretrained": "draft", "distilled for greedy": "draft_greedy", "distilled for sampling": "draft_sampled"}
 
 
 def run(cmd: list[str]) -> None:
@@ -64,13 +66,16 @@ def build() -> None:
         run(["pretrain", *common, "--preset", "10m", "--hidden_size", "96", "--num_hidden_layers", "1",
              "--intermediate_size", "256", "--num_attention_heads", "4", "--num_key_value_heads", "2", "--lr", "3e-3",
              "--output_dir", f"{s}/draft_pretrain", "--export_dir", f"{s}/draft"])
-    if not (SPEC / "draft_distilled").is_dir():
-        run(["distill", "--target", f"{s}/target", "--init", f"{s}/draft", "--output_dir", f"{s}/draft_distilled",
-             "--corpus", str(DATA / "tinyshakespeare.txt"), str(DATA / "gutenberg" / "austen-emma.txt"),
-             str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "800",
-             "--prefix_tokens", "24", "--sample_tokens", "104", "--sample_temperature", "0.8", "--loss", "kl",
-             "--sample_fraction", "0.75", "--seq_len", "128", "--batch_size", "16", "--max_steps", "300",
-             "--lr", "1e-3", "--warmup_steps", "20", "--cpu_threads", "1"])
+    # the target's greedy continuations teach the draft what greedy decoding will ask of it, its samples at T=0.8
+    # what sampling will: one distilled draft for each
+    for name, temperature in (("draft_greedy", "0"), ("draft_sampled", "0.8")):
+        if not (SPEC / name).is_dir():
+            run(["distill", "--target", f"{s}/target", "--init", f"{s}/draft", "--output_dir", f"{s}/{name}",
+                 "--corpus", str(DATA / "tinyshakespeare.txt"), str(DATA / "gutenberg" / "austen-emma.txt"),
+                 str(DATA / "gutenberg" / "carroll-alice.txt"), "--txt_split", "paragraph", "--raw_prompts", "1600",
+                 "--prefix_tokens", "24", "--sample_tokens", "104", "--sample_temperature", temperature, "--loss", "kl",
+                 "--sample_fraction", "0.9", "--seq_len", "128", "--batch_size", "16", "--max_steps", "600",
+                 "--lr", "2e-3", "--warmup_steps", "30", "--cpu_threads", "1"])
 
 
 def prompts(tok, n: int, length: int = 24) -> list[list[int]]:
@@ -100,8 +105,7 @@ def measure(a) -> dict:
     torch.set_num_threads(a.threads)
     tok = load_tokenizer(SPEC / "target")
     target = load_model(SPEC / "target", tokenizer=tok)
-    drafts = {"pretrained": load_model(SPEC / "draft", tokenizer=tok),
-              "distilled": load_model(SPEC / "draft_distilled", tokenizer=tok)}
+    drafts = {name: load_model(SPEC / d, tokenizer=tok) for name, d in DRAFTS.items()}
     old = load_hf(SPEC / "target").eval()
     n_target, n_draft = count_parameters(target)[1], count_parameters(drafts["pretrained"])[1]
     ps = prompts(tok, a.prompts)
@@ -125,7 +129,7 @@ def measure(a) -> dict:
         return _cut(out[0, len(p):].tolist(), stops), None
 
     def hf_assisted(k):
-        d = drafts["distilled"]
+        d = drafts["distilled for greedy"]
 
         def fn(p, i):
             d.generation_config.num_assistant_tokens = k
@@ -147,14 +151,17 @@ def measure(a) -> dict:
         "greedy: old loop without KV cache (pretrain/model.py)": old_loop,
         "greedy: transformers generate, KV cache": hf_plain,
         "greedy: alignment.sampling.generate, KV cache": ours(greedy),
-        "greedy: transformers assisted generation, distilled draft, k=4": hf_assisted(4),
     }
-    for name in ("pretrained", "distilled"):
+    assisted = f"greedy: transformers assisted generation, distilled for greedy draft, k={a.assisted_k}"
+    methods[assisted] = hf_assisted(a.assisted_k)
+    for name in ("pretrained", "distilled for greedy"):
         for k in a.draft_lengths:
             methods[f"greedy: speculative, {name} draft, k={k}"] = ours(greedy, drafts[name], k)
-        methods[f"greedy: speculative, {name} draft, adaptive from k=4"] = ours(greedy, drafts[name], 4, "adaptive")
+        methods[f"greedy: speculative, {name} draft, adaptive from k=3"] = ours(greedy, drafts[name], 3, "adaptive")
+    methods[f"greedy: speculative, distilled for sampling draft, k={a.sample_k}"] = ours(
+        greedy, drafts["distilled for sampling"], a.sample_k)
     methods[f"sampled T={a.temperature}: alignment.sampling.generate, KV cache"] = ours(sampled)
-    for name in ("pretrained", "distilled"):
+    for name in ("pretrained", "distilled for sampling", "distilled for greedy"):
         name_k = f"sampled T={a.temperature}: speculative, {name} draft, k={a.sample_k}"
         methods[name_k] = ours(sampled, drafts[name], a.sample_k)
 
@@ -193,8 +200,8 @@ def measure(a) -> dict:
                "max_new_tokens": a.max_new_tokens, "repeats": a.repeats, "target_parameters": n_target,
                "draft_parameters": n_draft,
                "parameter_ratio": round(n_target / n_draft, 1), "rows": rows}
-    for name, d in (("pretrained", SPEC / "draft"), ("distilled", SPEC / "draft_distilled")):
-        f = d / "summary.json"
+    for name, d in DRAFTS.items():
+        f = SPEC / d / "summary.json"
         if f.is_file():
             summary[f"{name}_draft_summary"] = json.loads(f.read_text())
     return summary
@@ -227,9 +234,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=128)
-    ap.add_argument("--draft_lengths", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--draft_lengths", type=int, nargs="+", default=[2, 3, 5])
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--sample_k", type=int, default=3)
+    ap.add_argument("--assisted_k", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--machine", default="2-core AVX2 CPU, 24 GB, no GPU")
