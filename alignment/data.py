@@ -345,12 +345,24 @@ def parse_hh(text: str, where: str) -> list[dict]:
 
 
 def read_prompt_rows(path: str, limit: int | None = None, split: str = "train") -> list[Row]:
-    """Prompt rows (RL, on-policy pairs, win rate) with row.data["prompt"] validated: a non-empty string or a message
-    list; other fields kept. An hh-rlhf row's "chosen" dialogue, without its final assistant turn, is the prompt."""
+    """Prompt rows (RL, on-policy pairs, win rate, `align generate`) with row.data["prompt"] validated: a non-empty
+    string or a message list; other fields kept. A "messages" conversation or an hh-rlhf "chosen" dialogue, without
+    its final assistant turns, is the prompt. A .txt file holds one prompt per non-empty line."""
+    if str(path).endswith((".txt", ".txt.gz")):
+        rows = [Row({"prompt": line}, f"{path}:{i}") for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
+        if not rows:
+            raise UserError(f"{path}: no prompt rows; expected one prompt per line")
+        return rows[:limit] if limit else rows
     rows = []
     for row in read_rows(path, split):
         d, where = row.data, row.where
-        if isinstance(d, dict) and "prompt" in d:
+        if isinstance(d, dict) and "messages" in d and "prompt" not in d:
+            prompt = validate_messages(d["messages"], f"{where}: messages")
+            while prompt and prompt[-1]["role"] == "assistant":
+                prompt = prompt[:-1]
+            if not prompt or prompt[-1]["role"] != "user":
+                raise UserError(f"{where}: messages have no user turn before the assistant's; expected a prompt")
+        elif isinstance(d, dict) and "prompt" in d:
             p = d["prompt"]
             if isinstance(p, list):
                 prompt = validate_messages(p, f"{where}: prompt")
@@ -366,7 +378,7 @@ def read_prompt_rows(path: str, limit: int | None = None, split: str = "train") 
             if not prompt:
                 raise UserError(f"{where}: the dialogue has no turn before the assistant's; expected a prompt")
         else:
-            raise UserError(f"{where}: expected a 'prompt' (messages or a string) or an hh-rlhf 'chosen' dialogue")
+            raise UserError(f"{where}: expected a 'prompt' (messages or a string), 'messages', or an hh-rlhf 'chosen' dialogue")
         rows.append(Row({**d, "prompt": prompt}, where))
         if limit and len(rows) >= limit:
             break

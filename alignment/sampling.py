@@ -6,7 +6,17 @@ the win-rate and generative evals, and `align generate` / `align chat` / `align 
 - `stop_token_ids`: generation stops at end of text and end of turn (<|im_end|>), whatever the model's own config.
 - `generate_batch`: one left-padded batch of prompt ids -> the new tokens (B, R), as `model.generate` returns them.
 - `truncate_at_stop`: cut each response after its first stop token, with the response mask.
-- `generate`: prompts (token id lists) -> `Completion`s (ids, text, finish reason), batched, seeded, with progress.
+- `generate`: prompts (token id lists) -> `Completion`s (ids, text, finish reason), batched, seeded, with progress;
+  with `draft_model` it decodes speculatively (`speculative_decode`), one prompt at a time.
+- `speculative_decode`: a small draft model proposes tokens, the target checks them all in one forward pass and keeps
+  what it would have produced itself: greedy output is token for token the target's greedy output, and sampled output
+  follows the target's distribution exactly (`accept_draft`, the accept/reject rule of speculative sampling).
+  `SpeculativeStats` counts drafted and accepted tokens (the acceptance rate) and target forward passes.
+
+Why not transformers' assisted generation (`generate(assistant_model=...)`, which implements the same rule): it takes
+one sequence at a time too, refuses num_return_sequences > 1, reports no acceptance counts, and calls the assistant's
+full `generate` once per round, an overhead that on a CPU costs more than the draft's forward passes themselves
+(docs/inference.md has the measurements).
 
 Every call builds its own GenerationConfig with every knob set, so a model directory's saved sampling defaults
 (e.g. temperature 0.8 in generation_config.json) never leak into a run that asked for something else.
@@ -14,6 +24,7 @@ Every call builds its own GenerationConfig with every knob set, so a model direc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -151,13 +162,18 @@ def _completions(tokenizer, new_tokens: torch.Tensor, stop_ids: list[int], pad: 
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams, batch_size: int = 16,
-             seed_per_prompt: bool = False, progress: bool = False, desc: str = "generating",
+             seed_per_prompt: bool = False, progress: bool = False, desc: str = "generating", *, draft_model=None,
+             num_draft_tokens: int = 4, draft_schedule: str = "constant", stats: "SpeculativeStats | None" = None,
              **generate_kwargs) -> list[list[Completion]]:
     """`params.num_return_sequences` completions per prompt (token id lists), in prompt order.
 
     Seeding: with `seed_per_prompt` each prompt is generated alone from seed * 1_000_003 + its index, so its samples
     do not depend on order or batching; otherwise each batch of `batch_size` prompts is seeded from seed and its first
-    index (the same config gives the same samples). With `params.seed` None the torch RNG is used as it stands."""
+    index (the same config gives the same samples). With `params.seed` None the torch RNG is used as it stands.
+
+    With `draft_model` (same tokenizer) every prompt is decoded alone by `speculative_decode` and seeded as with
+    `seed_per_prompt`; `stats` (a SpeculativeStats) accumulates its counts. Greedy output is the same as without a
+    draft; sampled output has the same distribution (not the same samples: the random numbers are drawn differently)."""
     from tqdm.auto import tqdm
 
     params.check()
@@ -165,17 +181,334 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     stops = stop_token_ids(tokenizer, model)
     pad = pad_id(tokenizer)
     k = params.num_return_sequences
-    step = 1 if seed_per_prompt else batch_size
+    step = 1 if seed_per_prompt or draft_model is not None else batch_size
+    if draft_model is not None and set(generate_kwargs) - {"streamer"}:
+        raise ValueError(f"speculative decoding takes no generate kwargs but a streamer, got {sorted(generate_kwargs)}")
     out: list[list[Completion]] = []
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(prompts), step):
         chunk = prompts[start: start + step]
         if params.seed is not None:
             torch.manual_seed(params.seed * 1_000_003 + start)
-        ids, att = left_pad(chunk, pad, device)
-        new = generate_batch(model, ids, att, params, stops, pad, **generate_kwargs)
+        if draft_model is not None:
+            rows = [speculative_decode(model, draft_model, chunk[0], params, stops, num_draft_tokens, draft_schedule,
+                                       stats=stats, **generate_kwargs) for _ in range(k)]
+            new = torch.full((k, max(map(len, rows))), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                new[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        else:
+            ids, att = left_pad(chunk, pad, device)
+            new = generate_batch(model, ids, att, params, stops, pad, **generate_kwargs)
         flat = _completions(tokenizer, new.cpu(), stops, pad, [len(p) for p in chunk for _ in range(k)])
         out += [flat[i * k:(i + 1) * k] for i in range(len(chunk))]
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+# ---------------------------------------------------------------------------------------------- speculative decoding
+
+DRAFT_SCHEDULES = ("constant", "adaptive")
+MAX_DRAFT_TOKENS = 16  # the adaptive schedule's ceiling: past this, one rejection wastes more than a run of hits saves
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over speculative runs: draft tokens proposed and accepted, target verification passes, tokens produced."""
+
+    drafted: int = 0
+    accepted: int = 0
+    target_passes: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted draft tokens (0 when none were drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens produced per target forward pass (1 for plain decoding)."""
+        return self.tokens / self.target_passes if self.target_passes else 0.0
+
+
+def logits_processors(params: SamplingParams) -> list:
+    """The logits processors `model.generate` applies for `params`, in its order: repetition penalty, then (sampling
+    only) temperature, top-k, top-p, min-p. Speculative decoding applies the same ones to the target and the draft,
+    each called as `proc(ids (1, L), scores (1, V))` (a plain list: transformers' LogitsProcessorList inspects every
+    processor's signature on every call, ~1 ms a token on a CPU)."""
+    from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = []
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if not params.greedy:
+        if params.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            procs.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            procs.append(TopPLogitsWarper(params.top_p))
+        if params.min_p:
+            procs.append(MinPLogitsWarper(params.min_p))
+    return procs
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor) -> tuple[int, int]:
+    """The accept/reject rule of speculative sampling (Leviathan et al. 2023, Chen et al. 2023).
+
+    p (k+1, V): the target's distributions at the k drafted positions and one past them; q (k, V): the draft's
+    distributions the k `drafted` tokens were sampled from. Draft token i is kept with probability
+    min(1, p_i(x)/q_i(x)); at the first rejection the next token is sampled from max(p_i - q_i, 0), normalized, and
+    when all k are kept, from p_k. Whatever q is, the tokens produced follow p exactly. Returns (number of drafted
+    tokens kept, next token)."""
+    k = drafted.numel()
+    pos = torch.arange(k)
+    px, qx = p[pos, drafted], q[pos, drafted]  # (k,)
+    keep = torch.rand(k, device=p.device) * qx <= px  # u <= p/q without dividing by a q that may underflow
+    n = int(keep.long().cumprod(0).sum())
+    if n == k:
+        return n, int(torch.multinomial(p[k], 1))
+    residual = (p[n] - q[n]).clamp(min=0)  # (V,)
+    total = residual.sum()
+    # total is 0 only when p[n] == q[n] up to rounding, where a rejection had probability ~0: p itself is then exact
+    return n, int(torch.multinomial(residual / total if total > 0 else p[n], 1))
+
+
+def crop_cache(cache, n_remove: int) -> None:
+    """Drop the last `n_remove` positions of a KV cache in place (`crop` takes a negative count; 0 is a no-op here,
+    where transformers 4 would read crop(0) as "keep 0 positions")."""
+    if n_remove > 0:
+        cache.crop(-n_remove)
+
+
+def process(procs: list, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Apply logits processors in order: ids (1, L) the context, scores (1, V)."""
+    for proc in procs:
+        scores = proc(ids, scores)
+    return scores
+
+
+def _forward(model, ids: torch.Tensor, cache, last_only: bool = False):
+    """One cached forward pass: (logits (1, T or 1, V) as float32, the cache)."""
+    import inspect
+
+    # a prefill needs no logits at all; models that can skip the vocabulary projection say so in their signature
+    skip = last_only and "logits_to_keep" in inspect.signature(model.forward).parameters
+    kwargs = {"logits_to_keep": 1} if skip else {}
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+    return out.logits.float(), out.past_key_values
+
+
+@torch.no_grad()
+def speculative_decode(model, draft, prompt: list[int], params: SamplingParams, stop_ids: list[int],
+                       num_draft_tokens: int = 4, schedule: str = "constant", streamer=None,
+                       stats: SpeculativeStats | None = None, accept=accept_draft) -> list[int]:
+    """The new tokens (up to and including a stop token, at most max_new_tokens) of one prompt, decoded speculatively.
+
+    Each round the draft proposes up to k tokens one by one (k = num_draft_tokens; `schedule` "adaptive" grows k by 2
+    after a round with every draft kept and shrinks it by 1 otherwise, as transformers' heuristic does), then the
+    target scores all of them in one forward pass. Greedy: the drafts the target's argmax agrees with are kept, plus
+    the target's own next token. Sampling: `accept` (the speculative sampling rule). Both models run with their own
+    KV cache, rolled back past rejected drafts. The torch RNG is used as it stands (callers seed it); `streamer` gets
+    the prompt, then the new tokens as they are accepted (transformers' streamer protocol)."""
+    if schedule not in DRAFT_SCHEDULES:
+        raise ValueError(f"schedule must be one of {DRAFT_SCHEDULES}, got {schedule!r}")
+    device = next(model.parameters()).device
+    procs = logits_processors(params)
+    stops = torch.tensor(stop_ids, dtype=torch.long)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, L): prompt and accepted tokens
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    # Both caches hold every accepted token but the last, which the next round feeds (its logits are needed).
+    t_cache = d_cache = None
+    t_len = d_len = 0
+    if ids.shape[1] > 1:
+        _, t_cache = _forward(model, ids[:, :-1], None, last_only=True)
+        _, d_cache = _forward(draft, ids[:, :-1], None, last_only=True)
+        t_len = d_len = ids.shape[1] - 1
+    k = max(0, num_draft_tokens)
+    new: list[int] = []
+    while len(new) < params.max_new_tokens:
+        L = ids.shape[1]
+        # 1. draft: at most what is left minus the token the target adds itself
+        budget = min(k, params.max_new_tokens - len(new) - 1)
+        drafted, q_rows = [], []
+        seq = ids
+        for _ in range(budget):
+            logits, d_cache = _forward(draft, seq[:, d_len:], d_cache)
+            d_len = seq.shape[1]
+            scores = process(procs, seq, logits[:, -1])  # (1, V)
+            if params.greedy:
+                tok = scores.argmax(-1)
+            else:
+                q_rows.append(torch.softmax(scores, -1)[0])
+                tok = torch.multinomial(q_rows[-1], 1)
+            drafted.append(int(tok))
+            seq = torch.cat([seq, tok.view(1, 1)], 1)
+            if drafted[-1] in stop_ids:  # the target would end there too, or reject it
+                break
+        # 2. verify: the target scores the pending token and every draft in one pass
+        logits, t_cache = _forward(model, seq[:, t_len:], t_cache)
+        logits = logits[0, -(len(drafted) + 1):]  # (n_draft + 1, V)
+        scores = torch.stack([process(procs, seq[:, :L + i], logits[i:i + 1])[0]
+                              for i in range(len(drafted) + 1)])  # (n_draft + 1, V)
+        d = torch.tensor(drafted, dtype=torch.long, device=device)
+        if params.greedy:
+            best = scores.argmax(-1)  # (n_draft + 1,)
+            n = int((best[:len(drafted)] == d).long().cumprod(0).sum())
+            nxt = int(best[n])
+        elif drafted:
+            n, nxt = accept(torch.softmax(scores, -1), torch.stack(q_rows), d)
+        else:
+            n, nxt = 0, int(torch.multinomial(torch.softmax(scores[0], -1), 1))
+        kept = drafted[:n] + [nxt]
+        # 3. roll back both caches to the accepted tokens (the target's holds ids + drafts, the draft's all but one)
+        crop_cache(t_cache, len(drafted) - n)
+        t_len = L + n
+        if d_len > L + n:
+            crop_cache(d_cache, d_len - (L + n))
+            d_len = L + n
+        hit = torch.isin(torch.tensor(kept), stops).nonzero()
+        if len(hit):
+            kept = kept[: int(hit[0]) + 1]
+        ids = torch.cat([ids, torch.tensor([kept], dtype=torch.long, device=device)], 1)
+        new += kept
+        if stats is not None:
+            stats.drafted += len(drafted)
+            stats.accepted += n
+            stats.target_passes += 1
+            stats.tokens += len(kept)
+        if streamer is not None:
+            streamer.put(torch.tensor(kept))
+        if len(hit):
+            break
+        if schedule == "adaptive" and budget == k:
+            k = min(k + 2, MAX_DRAFT_TOKENS) if n == len(drafted) == k else max(1, k - 1)
+    if streamer is not None:
+        streamer.end()
+    return new
+
+
+# ------------------------------------------------------------------------------------ command-line models and streams
+
+
+@dataclass
+class GenerationArguments:
+    """The model, draft and sampling options shared by `align generate` and `align chat`."""
+
+    model: str = field(default="", metadata={"help": "A Hugging Face causal LM directory (a stage's merged/, an "
+                                                     "exported base) or hub name."})
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory applied to `model` (its own "
+                                                                "base model)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model in 8-bit (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model in 4-bit NF4 (bitsandbytes)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU), float32, bfloat16 or float16."})
+    system: str | None = field(default=None, metadata={"help": "A system prompt put before the conversation (chat "
+                                                               "template only)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens generated per answer."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; 0 = greedy decoding."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens only (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much "
+                                                        "probability, in (0, 1]."})
+    min_p: float = field(default=0.0, metadata={"help": "Drop tokens less likely than min_p times the most likely one "
+                                                        "(0 = off)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Divide the scores of tokens already present by "
+                                                                     "this (1 = off)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed: the same seed gives the same samples on the same "
+                                                   "machine."})
+    draft_model: str | None = field(default=None, metadata={"help": "A small model with the same tokenizer for "
+                                                                    "speculative decoding (e.g. "
+                                                                    "from `align distill`)."})
+    num_draft_tokens: int = field(default=4, metadata={"help": "Tokens the draft proposes per target pass (the start "
+                                                               "value when adaptive)."})
+    draft_schedule: str = field(default="constant", metadata={
+        "help": f"Draft length: {' or '.join(DRAFT_SCHEDULES)} (+2 after a round fully accepted, -1 otherwise)."})
+    cpu_threads: int = field(default=0, metadata={"help": "torch threads on CPU (0 = torch's default)."})
+
+    def sampling_params(self, num_return_sequences: int = 1, where: str = "sampling") -> SamplingParams:
+        """The SamplingParams these options describe (checked)."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              num_return_sequences=num_return_sequences, seed=self.seed).check(where)
+
+
+def check_generation_inputs(args: GenerationArguments):
+    """Validate the model, adapter and draft before anything is loaded; returns (tokenizer, context length).
+
+    A draft must share the target's tokenizer and vocabulary (its token ids are checked by the target's logits) and
+    reach at least the target's context."""
+    from .modeling import check_model_dir, context_length, load_config, load_tokenizer, same_tokenizer
+
+    if not args.model:
+        raise UserError("model: missing; expected a Hugging Face model directory (e.g. runs/tiny/dpo/merged)")
+    check_model_dir(args.model, "model")
+    config = load_config(args.model, "model")
+    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise UserError(f"adapter: {args.adapter}: no adapter_config.json; expected a PEFT LoRA adapter directory")
+    if args.draft_schedule not in DRAFT_SCHEDULES:
+        raise UserError(f"draft_schedule: {args.draft_schedule!r}; expected one of {', '.join(DRAFT_SCHEDULES)}")
+    tok = load_tokenizer(args.model)
+    context = context_length(config)
+    if args.draft_model:
+        check_model_dir(args.draft_model, "draft_model")
+        dconfig = load_config(args.draft_model, "draft_model")
+        if not same_tokenizer(tok, load_tokenizer(args.draft_model)):
+            raise UserError(f"draft_model: {args.draft_model}: its tokenizer differs from the model's ({args.model}); "
+                            "expected the same tokenizer (train one with `align distill`)")
+        tv, dv = config.get_text_config().vocab_size, dconfig.get_text_config().vocab_size
+        if tv != dv:
+            raise UserError(f"draft_model: {args.draft_model}: vocab_size {dv} differs from the model's {tv}; "
+                            "expected the same vocabulary")
+        context = min(context, context_length(dconfig))
+    return tok, context
+
+
+def load_generation_models(args: GenerationArguments, tokenizer):
+    """(model, draft or None), frozen for inference: the model with its adapter merged, 8-bit or 4-bit as asked."""
+    from .modeling import load_model
+
+    if args.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(args.cpu_threads)
+    model = load_model(args.model, tokenizer=tokenizer, adapter=args.adapter, load_in_8bit=args.load_in_8bit,
+                       load_in_4bit=args.load_in_4bit, dtype=args.dtype)
+    draft = load_model(args.draft_model, tokenizer=tokenizer, dtype=args.dtype) if args.draft_model else None
+    return model, draft
+
+
+class TextStream:
+    """A streamer (transformers' protocol: put(ids), end()) that hands decoded text to `write` as tokens arrive.
+
+    The first put (the prompt, as `generate` sends it) is skipped; nothing from a stop token on is written; a token
+    that ends inside a multi-byte character waits for the next one."""
+
+    def __init__(self, tokenizer, write, stop_ids: list[int]):
+        self.tokenizer, self.write, self.stop_ids = tokenizer, write, set(stop_ids)
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = self.stopped = False
+
+    def put(self, value) -> None:
+        """Take the next tokens (a tensor (1, n) or (n,)); the first call's tokens are the prompt."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            if self.stopped or t in self.stop_ids:
+                self.stopped = True
+                break
+            self.ids.append(t)
+        self._flush(final=False)
+
+    def end(self) -> None:
+        """Write what is left."""
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd") and not final:
+            return
+        if len(text) > self.shown:
+            self.write(text[self.shown:])
+            self.shown = len(text)

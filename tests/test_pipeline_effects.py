@@ -23,6 +23,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
 # steps (about 70 s together): with PPO at 10 updates its win rate was 0.525 ± 0.044, within noise.
 REDUCED = {
     "pretrain.yaml": {"max_steps": 350, "warmup_steps": 20, "eval_interval": 300, "save_interval": 300},
+    "distill.yaml": {"max_steps": 30, "max_prompts": 96},
 }
 
 
@@ -146,3 +147,12 @@ def test_grpo_stage_ran_with_the_checker_and_the_report_judges_it_against_noise(
     assert "rewards/tinyworld/mean" in s["last_log"] and "rewards/model/mean" not in s["last_log"]  # no reward model
     text = (work / "runs" / "tiny" / "report.md").read_text()
     assert "| grpo |" in text and "answer acc Δ vs SFT (paired)" in text
+
+
+def test_distilled_draft_predicts_the_dpo_model(reduced_run):
+    """`align distill` trains the draft on the DPO model's own answers: its agreement with the DPO model and its
+    greedy acceptance rate rise from about zero (a fresh model)."""
+    summary = json.loads((reduced_run[0] / "runs" / "tiny" / "distill" / "summary.json").read_text())
+    assert summary["parameter_ratio"] >= 20
+    assert summary["top1_agreement_after"] > summary["top1_agreement_before"] + 0.1, summary
+    assert summary["greedy_acceptance_after"] > summary["greedy_acceptance_before"], summary
