@@ -288,6 +288,10 @@ _NOT_FINGERPRINTED = {"output_dir", "overwrite", "logging_dir", "report_to", "di
                       "skip_memory_check", "progress", "resume", "resume_from", "resume_from_checkpoint", "export_dir"}
 
 
-def fingerprint_config(*cfgs) -> dict:
-    """The resolved config of a run minus where and how it reports: two runs with the same one compute the same."""
-    return {k: v for k, v in plain(config_dict(*cfgs)).items() if k not in _NOT_FINGERPRINTED}
+def fingerprint_config(*cfgs, processes: int = 1) -> dict:
+    """The resolved config of a run minus where and how it reports: two runs with the same one compute the same.
+
+    `processes` > 1 (a Trainer stage under a launcher) is part of it: resumed by another number of processes, the
+    Trainer would go on with another global batch."""
+    out = {k: v for k, v in plain(config_dict(*cfgs)).items() if k not in _NOT_FINGERPRINTED}
+    return {**out, "processes": processes} if processes > 1 else out
