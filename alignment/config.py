@@ -192,6 +192,8 @@ def cpu_fallback(dataclass_types) -> list[str]:
     if not _cpu_note_shown:
         print("note: no CUDA device; training on CPU in fp32 (use_cpu=True, bf16=False)", file=sys.stderr)
         _cpu_note_shown = True
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":  # `accelerate launch` of a GPU config (bf16) on a CPU
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
     return ["--use_cpu", "true", "--bf16", "false", "--fp16", "false"]
 
 
