@@ -68,10 +68,10 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Every process's `t` (the same shape on each) concatenated along dim 0 in rank order; `t` for one process."""
     if world_size() == 1:
         return t
-    src = t.detach().to(_comm_device(t)).contiguous()
+    src = t.detach().to(_comm_device(t), torch.uint8 if t.dtype == torch.bool else t.dtype).contiguous()  # gloo has no bool
     parts = [torch.empty_like(src) for _ in range(world_size())]
     dist.all_gather(parts, src)
-    return torch.cat(parts).to(t.device)
+    return torch.cat(parts).to(t.device, t.dtype)
 
 
 def all_gather_objects(obj) -> list:
@@ -84,15 +84,17 @@ def all_gather_objects(obj) -> list:
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of `params` over processes in one flat buffer (a missing gradient counts as zeros), so each
-    process steps with the gradient of the sum of every process's loss."""
+    """Sum the gradients of `params` over processes in one flat buffer, so each process steps with the gradient of the
+    sum of every process's loss. A gradient missing on one process counts as zeros there; one missing on every
+    process stays missing (the optimizer skips that parameter, as it would in one process)."""
     if world_size() == 1:
         return
+    present = all_reduce(torch.tensor([float(p.grad is not None) for p in params]))
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
     i = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[i: i + g.numel()].view_as(g).to(g.dtype)
+    for p, g, n in zip(params, grads, present.tolist()):
+        p.grad = flat[i: i + g.numel()].view_as(g).to(g.dtype) if n > 0 else None
         i += g.numel()
 
 
