@@ -1,7 +1,7 @@
-"""Two processes (gloo on CPU) train as one with the same global batch: sft, dpo and ppo.
+"""Two processes (gloo on CPU) train as one with the same global batch: sft, reward, dpo and ppo.
 
 The two-process runs are what a user launches on two GPUs with the shipped DDP config (`accelerate launch
---config_file recipes/accelerate/ddp.yaml -m alignment.cli <stage> ...`), here all three stages in one launch
+--config_file recipes/accelerate/ddp.yaml -m alignment.cli <stage> ...`), here all four stages in one launch
 (tests/_multiprocess_driver.py) since every launch costs seconds of imports. Each test runs its stage once in this
 process and compares the loss (PPO: every logged metric) of each step and the final trainable weights.
 
@@ -56,6 +56,8 @@ def inputs(tmp_path_factory, tiny_model_dir):
     train, test = write_jsonl(d / "pref.jsonl", pref_rows(48)), write_jsonl(d / "pref_test.jsonl", pref_rows(8, seed=1))
     return {
         "sft": lambda out: trainer_argv(tiny_model_dir, out, train_data=sft),
+        "reward": lambda out: trainer_argv(tiny_model_dir, out, train_data=train, eval_data=test, min_eval_accuracy=0,
+                                           min_eval_improvement=-1) + LORA,
         "dpo": lambda out: trainer_argv(tiny_model_dir, out, train_data=train, eval_data=test, ref_cache_dir=out.parent / f"{out.name}-cache") + LORA,
         "ppo": lambda out: ["--model_name_or_path", str(tiny_model_dir), *LORA, "--reward_model", str(d / "rm"),
                             "--prompts", write_jsonl(d / "prompts.jsonl", prompts), "--output_dir", str(out),
@@ -66,10 +68,10 @@ def inputs(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def two(inputs, tmp_path_factory):
-    """The outputs of sft, dpo and ppo run by two processes through recipes/accelerate/ddp.yaml."""
+    """The outputs of sft, reward, dpo and ppo run by two processes through recipes/accelerate/ddp.yaml."""
     out = tmp_path_factory.mktemp("two")
     plan = out / "plan.json"
-    plan.write_text(json.dumps([[stage] + inputs[stage](out / stage) for stage in ("sft", "dpo", "ppo")]))
+    plan.write_text(json.dumps([[stage] + inputs[stage](out / stage) for stage in ("sft", "reward", "dpo", "ppo")]))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp.yaml",
            "--main_process_port", "0", "tests/_multiprocess_driver.py", str(plan)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
@@ -113,6 +115,21 @@ def test_sft_two_processes_equal_one(inputs, two, tiny_model_dir, tmp_path):
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in (two / "sft").iterdir())
     assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no partial or temp directory left
     assert summary(two / "sft")["train_loss"] == pytest.approx(summary(one)["train_loss"], rel=1e-5)
+
+
+def test_reward_two_processes_equal_one(inputs, two, tmp_path):
+    """LoRA reward model: the same losses, adapter (with the score head), held-out accuracies and reward statistics."""
+    one = tmp_path / "reward"
+    run_one("reward", inputs, one, "--gradient_accumulation_steps", "2")
+    l1, l2 = trainer_losses(one), trainer_losses(two / "reward")
+    assert len(l1) == 3 and l1[2] < l1[0]
+    assert l2 == pytest.approx(l1, rel=1e-5)
+    assert_same_weights(load_file(one / "adapter" / "adapter_model.safetensors"),
+                        load_file(two / "reward" / "adapter" / "adapter_model.safetensors"))
+    h1, h2 = (json.loads((d / "health.json").read_text()) for d in (one, two / "reward"))
+    assert h2 == h1 and h1["eval_accuracy"] > h1["eval_accuracy_before"]  # accuracies: counts of pairs over 8
+    r1, r2 = (json.loads((d / "merged" / "reward_stats.json").read_text()) for d in (one, two / "reward"))
+    assert r2 == pytest.approx(r1, rel=1e-4) and r1["n"] == 2 * 48
 
 
 def test_dpo_two_processes_equal_one(inputs, two, tmp_path):
