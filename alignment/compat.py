@@ -71,7 +71,8 @@ def _pretokenized_dpo_trainer():
 
         Two overrides of TRL 1.16 private methods: `_prepare_dataset` keeps our token ids (TRL would re-render text with
         the tokenizer, turning a literal "<|im_end|>" in the data into the control token), and `_precompute_ref_logps`
-        reads / writes `ref_cache` around TRL's own computation (TRL keys in-memory datasets by a random fingerprint).
+        reads / writes `ref_cache` around TRL's reference pass (TRL keys in-memory datasets by a random fingerprint, and
+        its arrow cache of them sits in a per-process temp directory the other processes of a launch cannot read).
         `ref_cache` has load(name, fingerprint) -> (chosen, rejected) | None and save(name, fingerprint, chosen, rejected)."""
 
         def __init__(self, *args, ref_cache, data_fingerprints: dict[str, str], **kwargs):
@@ -85,11 +86,32 @@ def _pretokenized_dpo_trainer():
         def _precompute_ref_logps(self, dataset, name, batch_size):
             fp = self.data_fingerprints[name]
             cached = self.ref_cache.load(name, fp)
-            if cached is not None and len(cached[0]) == len(dataset):
-                return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
-            self.ref_cache.save(name, fp, out["ref_chosen_logps"], out["ref_rejected_logps"])
-            return out
+            if cached is None or len(cached[0]) != len(dataset):
+                cached = self._reference_pass(dataset, batch_size)
+                self.ref_cache.save(name, fp, *cached)
+            return dataset.add_column("ref_chosen_logps", cached[0].tolist()).add_column("ref_rejected_logps", cached[1].tolist())
+
+        def _reference_pass(self, dataset, batch_size):
+            """TRL 1.16's reference pass, kept in memory: each process scores its share of the batches in order, and the
+            gathered (chosen, rejected) log-probs, one per row, are the same on every process."""
+            import torch
+            from torch.utils.data import DataLoader
+            from trl.models import prepare_deepspeed
+
+            loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+                                                         num_workers=self.args.dataloader_num_workers,
+                                                         pin_memory=self.args.dataloader_pin_memory))
+            model = self.ref_model or self.model
+            if self.ref_model is None and self.is_deepspeed_enabled:  # ZeRO-3 weights are sharded: an engine gathers them
+                if self._precompute_engine is None:
+                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+                model = self._precompute_engine
+            chosen, rejected = [], []
+            for batch in loader:
+                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            return torch.cat(chosen), torch.cat(rejected)
 
     return PretokenizedDPOTrainer
 

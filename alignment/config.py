@@ -192,6 +192,8 @@ def cpu_fallback(dataclass_types) -> list[str]:
     if not _cpu_note_shown:
         print("note: no CUDA device; training on CPU in fp32 (use_cpu=True, bf16=False)", file=sys.stderr)
         _cpu_note_shown = True
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":  # `accelerate launch` of a GPU config (bf16) on a CPU
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
     return ["--use_cpu", "true", "--bf16", "false", "--fp16", "false"]
 
 
@@ -288,6 +290,10 @@ _NOT_FINGERPRINTED = {"output_dir", "overwrite", "logging_dir", "report_to", "di
                       "skip_memory_check", "progress", "resume", "resume_from", "resume_from_checkpoint", "export_dir"}
 
 
-def fingerprint_config(*cfgs) -> dict:
-    """The resolved config of a run minus where and how it reports: two runs with the same one compute the same."""
-    return {k: v for k, v in plain(config_dict(*cfgs)).items() if k not in _NOT_FINGERPRINTED}
+def fingerprint_config(*cfgs, processes: int = 1) -> dict:
+    """The resolved config of a run minus where and how it reports: two runs with the same one compute the same.
+
+    `processes` > 1 (a Trainer stage under a launcher) is part of it: resumed by another number of processes, the
+    Trainer would go on with another global batch."""
+    out = {k: v for k, v in plain(config_dict(*cfgs)).items() if k not in _NOT_FINGERPRINTED}
+    return {**out, "processes": processes} if processes > 1 else out

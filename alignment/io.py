@@ -261,7 +261,12 @@ class StageRun:
         return old == json.loads(json.dumps(self.fingerprint, default=str))
 
     def start(self) -> Path:
-        """Check the output path, then return the work directory (resumed when its fingerprint matches)."""
+        """Check the output path, then return the work directory (resumed when its fingerprint matches).
+
+        Under a launcher every process checks and decides alike (the same resume answer everywhere); only the main
+        process then creates or cleans the work directory, while the others wait."""
+        from . import distributed
+
         if self.final.exists() and any(self.final.iterdir()):
             if not self.final.is_dir():
                 raise UserError(f"{self.final}: output path exists and is not a directory")
@@ -272,23 +277,30 @@ class StageRun:
                                 "expected a new path or one of the suite's own outputs, so nothing of yours is deleted")
         elif self.final.exists() and not self.final.is_dir():
             raise UserError(f"{self.final}: output path exists and is not a directory")
-        clean_stale_temps(self.final)
         state = self.work / MARKER
+        resume = self.work.is_dir() and self.matching_partial()
+        if self.work.is_dir() and not resume and not state.is_file():
+            raise UserError(f"{self.work}: exists and was not written by this suite; expected to use it for the run in progress")
+        distributed.barrier()  # every process has looked before the main one changes anything
+        if distributed.is_main():
+            self._prepare_work(resume)
+        distributed.barrier()
+        self.resumed = resume
+        return self.work
+
+    def _prepare_work(self, resume: bool) -> None:
+        clean_stale_temps(self.final)
+        if resume:
+            clean_stale_temps(self.work, recursive=True)  # half-written files of the killed run
+            return
         if self.work.is_dir():
-            if self.matching_partial():
-                self.resumed = True
-                clean_stale_temps(self.work, recursive=True)  # half-written files of the killed run
-                return self.work
-            if not state.is_file():
-                raise UserError(f"{self.work}: exists and was not written by this suite; expected to use it for the run in progress")
             shutil.rmtree(self.work)  # ours, from a run with another config or inputs: its checkpoints do not apply
         try:
             self.work.mkdir(parents=True)
-            state.write_text(json.dumps({"stage": self.stage, "fingerprint": self.fingerprint,
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, default=str) + "\n")
+            (self.work / MARKER).write_text(json.dumps({"stage": self.stage, "fingerprint": self.fingerprint,
+                                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, default=str) + "\n")
         except OSError as e:
             raise UserError(f"output_dir: {self.final}: cannot write beside it ({e.strerror}); expected a writable location") from None
-        return self.work
 
     def discard(self) -> None:
         """Remove the work directory (a run that finished but was rejected: nothing in it is worth resuming)."""

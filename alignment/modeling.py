@@ -327,6 +327,38 @@ def save_stage_outputs(model, tokenizer, input_model_path, output_dir, kind: str
     return {"adapter": adapter_dir if is_peft(model) else None, "merged": merged_dir}
 
 
+def gathered_model(trainer, input_model_path, kind: str = "causal"):
+    """The model a Hugging Face Trainer trained, whole, on the main process (None on the others). Every process
+    calls it: under FSDP or DeepSpeed the gathering is collective.
+
+    One process or DDP: the trainer's own model (each process holds all of it). FSDP or DeepSpeed: the weights may be
+    split over the processes, so the Trainer gathers them into a directory (`save_model`) that the main process loads
+    back as a plain model (with LoRA: a fresh copy of the input model with the saved adapter) and then removes."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from . import distributed
+
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        return trainer.model if distributed.is_main() else None
+    gathered = Path(trainer.args.output_dir) / "gathered"
+    trainer.save_model(str(gathered))
+    model = None
+    if distributed.is_main():
+        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        kw = {"num_labels": 1} if kind == "reward" else {}
+        if (gathered / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = cls.from_pretrained(str(input_model_path), dtype=torch.float32, **kw)
+            base.config.pad_token_id = trainer.processing_class.pad_token_id
+            model = PeftModel.from_pretrained(base, str(gathered))
+        else:
+            model = cls.from_pretrained(str(gathered), **kw)
+        shutil.rmtree(gathered)
+    distributed.barrier()
+    return model
+
+
 def _stop_at_end_of_turn(model_dir: Path, tokenizer) -> None:
     """Make generation stop at <|im_end|> too: a hub base model's generation config knows only its end of text."""
     from transformers import GenerationConfig

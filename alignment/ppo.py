@@ -13,6 +13,14 @@ One update (Ouyang et al. 2022; Ziegler et al. 2019; the "N implementation detai
      minibatches with gradient accumulation
   5. update the KL coefficient (fixed, or adaptive towards a target KL)
 Metrics carry TRL's names (objective/kl, policy/clipfrac_avg, ...) so they read as TRL users know them.
+
+Data parallel under `accelerate launch` / `torchrun` (alignment.distributed): each process generates, scores and
+runs the forward passes for its share of the rollout batch; the per-sample tensors are gathered, so every process
+computes rewards, whitening, GAE and metrics over the whole batch; each minibatch is split over the processes and the
+losses are sums over tokens divided by the minibatch's token count, so summing the gradients over processes gives
+the gradient of the whole minibatch. Each prompt samples from its own seed (seed, update, index in the batch), so
+its response does not depend on which process draws it: any number of processes runs the same training, up to
+float rounding. Checkpoints are written by rank 0.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json, rng_state, safe_torch_load, set_rng_state
-from .sampling import SamplingParams, generate_batch, left_pad, truncate_at_stop
+from .sampling import SamplingParams, generate_batch, left_pad, row_seed, truncate_at_stop
 
 INVALID_LOGPROB = 1.0  # filler for padded response positions; always masked out
 
@@ -42,6 +51,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """masked_mean of x, or, with `n_tokens`, the masked sum divided by it: the share of a mean over a minibatch that
+    is split over micro-batches and processes (the shares of all parts add up to the minibatch's mean)."""
+    return masked_mean(x, mask) if n_tokens is None else (x * mask).sum() / n_tokens
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -85,33 +100,34 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> dict:
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, n_tokens=None) -> dict:
     """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
 
     Returns {"loss", "clipfrac" (share of tokens where the clipped term won), "approxkl" (0.5 * mean (log ratio)^2),
-    "ratio" (mean ratio)}."""
+    "ratio" (mean ratio)}; with `n_tokens` each is this part's share of the minibatch's mean (token_mean)."""
     log_ratio = (logprobs - old_logprobs) * mask  # (B, T)
     ratio = torch.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg1, pg2), mask)
+    loss = token_mean(torch.max(pg1, pg2), mask, n_tokens)
     with torch.no_grad():
-        clipfrac = masked_mean((pg2 > pg1).float(), mask)
-        approxkl = 0.5 * masked_mean(log_ratio**2, mask)
-        mean_ratio = masked_mean(ratio, mask)
+        clipfrac = token_mean((pg2 > pg1).float(), mask, n_tokens)
+        approxkl = 0.5 * token_mean(log_ratio**2, mask, n_tokens)
+        mean_ratio = token_mean(ratio, mask, n_tokens)
     return {"loss": loss, "clipfrac": clipfrac, "approxkl": approxkl, "ratio": mean_ratio}
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value: float) -> dict:
+def value_loss(values, old_values, returns, mask, cliprange_value: float, n_tokens=None) -> dict:
     """Clipped value loss: 0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
 
-    Returns {"loss", "clipfrac" (share of tokens where the clipped term won)}."""
+    Returns {"loss", "clipfrac" (share of tokens where the clipped term won)}; with `n_tokens` each is this part's
+    share of the minibatch's mean (token_mean)."""
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf1 = (values - returns) ** 2
     vf2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
+    loss = 0.5 * token_mean(torch.max(vf1, vf2), mask, n_tokens)
     with torch.no_grad():
-        clipfrac = masked_mean((vf2 > vf1).float(), mask)
+        clipfrac = token_mean((vf2 > vf1).float(), mask, n_tokens)
     return {"loss": loss, "clipfrac": clipfrac}
 
 
@@ -289,13 +305,24 @@ class Experience:
 ScoreFn = Callable[[list[dict], list], torch.Tensor]
 
 
+def check_batch_sizes(hp: PPOHyper, world: int = 1) -> None:
+    """rollout_batch_size must be a multiple of mini_batch_size, and that of processes x gradient_accumulation_steps
+    (each process takes mini_batch_size / processes episodes of every minibatch, in that many micro-batches)."""
+    if hp.rollout_batch_size % hp.mini_batch_size or hp.mini_batch_size % (world * hp.gradient_accumulation_steps):
+        procs = f"{world} processes x " if world > 1 else ""
+        raise UserError(f"batch sizes: rollout_batch_size ({hp.rollout_batch_size}) must be a multiple of "
+                        f"mini_batch_size ({hp.mini_batch_size}), and that of {procs}gradient_accumulation_steps "
+                        f"({hp.gradient_accumulation_steps})")
+
+
 class PPO:
     """The PPO loop state: policy (LoRA), value head, optimizer, KL controller, and the update step.
 
     policy: a peft model (reference = adapter disabled) or, for full fine-tuning, any causal LM with `ref_model`.
     score_fn(rows, completions) -> (B,) scores (rows: the prompt dicts; completions: alignment.sampling.Completion).
     prompts: a list of {"prompt": messages, "input_ids": [...], ...the row's other fields} (alignment.data.encode_prompts),
-    sampled in a seeded order per epoch."""
+    sampled in a seeded order per epoch. Under a launcher every process builds the same PPO and calls the same methods;
+    each works on its share of every batch (module docstring)."""
 
     def __init__(self, policy, value_head: ValueHead, tokenizer, score_fn: ScoreFn, prompts: list[dict],
                  hp: PPOHyper, stop_ids: list[int], ref_model=None, device: str | torch.device = "cpu"):
@@ -303,14 +330,13 @@ class PPO:
         self.prompts, self.hp, self.stop_ids, self.ref_model = prompts, hp, list(stop_ids), ref_model
         self.device = torch.device(device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         if ref_model is None and not hasattr(policy, "disable_adapter"):
             raise UserError("ppo: the policy has no LoRA adapter to disable; pass a reference model (or use_peft: true)")
-        if hp.rollout_batch_size % hp.mini_batch_size or hp.mini_batch_size % hp.gradient_accumulation_steps:
-            raise UserError(f"batch sizes: rollout_batch_size ({hp.rollout_batch_size}) must be a multiple of "
-                            f"mini_batch_size ({hp.mini_batch_size}), and that of gradient_accumulation_steps "
-                            f"({hp.gradient_accumulation_steps})")
+        check_batch_sizes(hp, self.world)
         self.kl_ctl = kl_controller(hp.kl_controller, hp.kl_coef, hp.kl_target, hp.kl_horizon)
         self.params = [p for p in list(policy.parameters()) + list(value_head.parameters()) if p.requires_grad]
+        distributed.broadcast_params(self.params)  # every process starts from rank 0's initialisation
         self.optimizer = torch.optim.AdamW(self.params, lr=hp.learning_rate, eps=1e-5, weight_decay=0.0)
         self.step = 0
         self.history: list[dict] = []
@@ -327,6 +353,11 @@ class PPO:
             out.append(self.prompts[int(perm[i])])
         return out
 
+    def share(self, n: int) -> range:
+        """This process's contiguous share of n items (all of them for one process; the last shares may be shorter)."""
+        size = -(-n // self.world)
+        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
+
     def ref_logprobs(self, query, query_mask, response, response_mask):
         """Log-probs of the response under the reference: the policy with its adapter disabled."""
         if self.ref_model is not None:
@@ -335,19 +366,20 @@ class PPO:
             return forward_response(self.policy, None, query, query_mask, response, response_mask, self.hp.temperature, need_values=False)[0]
 
     @torch.no_grad()
-    def rollout(self, rows: list[dict], reference: bool = False):
-        """Sample responses (from the reference when `reference`). Returns query, query_mask, response, mask, ended, texts."""
+    def rollout(self, rows: list[dict], seeds: list[int], reference: bool = False, query_width: int | None = None):
+        """Sample responses, row i from its own seed (from the reference when `reference`); queries left-padded to
+        `query_width` when given. Returns query, query_mask, response, mask, ended, texts."""
         from .sampling import decode_response
 
-        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id, self.device)
+        query, query_mask = left_pad([r["input_ids"] for r in rows], self.pad_id, self.device, width=query_width)
         params = SamplingParams(max_new_tokens=self.hp.response_length, temperature=self.hp.temperature, seed=None)
         if reference and self.ref_model is not None:
-            new = generate_batch(self.ref_model, query, query_mask, params, self.stop_ids, self.pad_id)
+            new = generate_batch(self.ref_model, query, query_mask, params, self.stop_ids, self.pad_id, row_seeds=seeds)
         elif reference:
             with self.policy.disable_adapter():
-                new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id)
+                new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id, row_seeds=seeds)
         else:
-            new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id)
+            new = generate_batch(self.policy, query, query_mask, params, self.stop_ids, self.pad_id, row_seeds=seeds)
         response, response_mask, ended = truncate_at_stop(new, self.stop_ids, self.pad_id)
         texts = [decode_response(self.tokenizer, r[m.bool()].tolist(), self.stop_ids) for r, m in zip(response, response_mask)]
         return query, query_mask, response, response_mask, ended, texts
@@ -361,15 +393,30 @@ class PPO:
         return torch.as_tensor(self.score_fn(rows, comps), dtype=torch.float32).to(self.device)
 
     @torch.no_grad()
-    def make_experience(self, rows: list[dict]) -> Experience:
-        """Generate, score and compute per-token rewards, advantages and returns for a batch of prompts."""
+    def make_experience(self, rows: list[dict], step: int | None = None) -> Experience:
+        """Generate, score and compute per-token rewards, advantages and returns for a batch of prompts.
+
+        Each process generates, scores and runs the forward passes for its share of `rows`; the results are gathered,
+        so the rewards, whitening and advantages are those of the whole batch, on every process."""
         hp = self.hp
         self.policy.eval()
         self.value_head.eval()
-        query, query_mask, response, response_mask, ended, texts = self.rollout(rows)
+        step = self.step if step is None else step
+        mine = self.share(len(rows))
+        seeds = [row_seed(hp.seed, step, k) for k in mine]  # prompt k of update `step` samples alike on any process
+        width = max(len(r["input_ids"]) for r in rows)  # the whole batch's query width, the same on every process
+        query, query_mask, response, response_mask, ended, texts = self.rollout([rows[k] for k in mine], seeds, query_width=width)
+        R = int(distributed.all_reduce(torch.tensor(response.shape[1]), "max"))  # the whole batch's response width
+        response = F.pad(response, (0, R - response.shape[1]), value=self.pad_id)  # (b, R)
+        response_mask = F.pad(response_mask, (0, R - response_mask.shape[1]))
         logprobs, values = forward_response(self.policy, self.value_head, query, query_mask, response, response_mask, hp.temperature)
         ref_logprobs = self.ref_logprobs(query, query_mask, response, response_mask)
-        scores = self.scores(rows, texts, response, response_mask, ended)
+        scores = self.scores([rows[k] for k in mine], texts, response, response_mask, ended)
+        if self.world > 1:  # every process gets the whole batch, in prompt order (shares are contiguous)
+            query, query_mask, response, response_mask, ended, logprobs, ref_logprobs, values, scores = (
+                distributed.all_gather_cat(t) for t in (query, query_mask, response, response_mask, ended, logprobs,
+                                                        ref_logprobs, values, scores))
+            texts = [t for part in distributed.all_gather_objects(texts) for t in part]
 
         mask = response_mask.float()
         kl = kl_estimate(logprobs, ref_logprobs, hp.kl_estimator) * mask  # (B, R)
@@ -385,36 +432,48 @@ class PPO:
 
     # -- the update ------------------------------------------------------------------------------------------
 
-    def train_on(self, exp: Experience) -> dict:
-        """Several epochs of clipped policy + value loss over shuffled minibatches with gradient accumulation."""
+    def train_on(self, exp: Experience, step: int | None = None) -> dict:
+        """Several epochs of clipped policy + value loss over shuffled minibatches with gradient accumulation.
+
+        The minibatches are the same on every process (a permutation seeded by seed, update and epoch); each process
+        takes its share of a minibatch in `gradient_accumulation_steps` micro-batches. Losses are sums over tokens
+        divided by the minibatch's token count, so the gradients summed over micro-batches and processes are the
+        gradient of the minibatch's mean loss, however it is split."""
         hp = self.hp
         self.policy.train()
         self.value_head.train()
-        B = exp.query.shape[0]
-        micro = hp.mini_batch_size // hp.gradient_accumulation_steps
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "pg_clip", "vf_clip", "approxkl", "ratio", "entropy")}
-        for _ in range(hp.num_ppo_epochs):
-            perm = torch.randperm(B)
-            for start in range(0, B, hp.mini_batch_size):
+        step = self.step if step is None else step
+        B, M = exp.query.shape[0], hp.mini_batch_size
+        micro = M // self.world // hp.gradient_accumulation_steps
+        keys = ("pg", "vf", "pg_clip", "vf_clip", "approxkl", "ratio", "entropy")
+        sums = torch.zeros(len(keys), dtype=torch.float64)  # this process's shares of each minibatch's means, summed
+        n_minibatches = 0
+        for epoch in range(hp.num_ppo_epochs):
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(row_seed(hp.seed, step, epoch)))
+            for start in range(0, B, M):
                 self.optimizer.zero_grad(set_to_none=True)
-                for m in range(start, start + hp.mini_batch_size, micro):
-                    mb = exp.select(perm[m: m + micro].to(exp.query.device))
+                idx = perm[start: start + M]
+                n_tokens = exp.response_mask[idx.to(exp.response_mask.device)].sum().clamp(min=1).float()  # the whole minibatch's
+                mine = idx[self.rank * (M // self.world): (self.rank + 1) * (M // self.world)]
+                for m in range(0, len(mine), micro):
+                    mb = exp.select(mine[m: m + micro].to(exp.query.device))
                     mask = mb.response_mask.float()
                     logprobs, values = forward_response(self.policy, self.value_head, mb.query, mb.query_mask,
                                                         mb.response, mb.response_mask, hp.temperature)
-                    pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, hp.cliprange)
-                    vf = value_loss(values, mb.values, mb.returns, mask, hp.cliprange_value)
-                    loss = pg["loss"] + hp.vf_coef * vf["loss"]
-                    (loss / hp.gradient_accumulation_steps).backward()
-                    for k, v in (("pg", pg["loss"]), ("vf", vf["loss"]), ("pg_clip", pg["clipfrac"]), ("vf_clip", vf["clipfrac"]),
-                                 ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]), ("entropy", masked_mean(-logprobs, mask))):
-                        stats[k].append(float(v.detach()))
+                    pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, hp.cliprange, n_tokens)
+                    vf = value_loss(values, mb.values, mb.returns, mask, hp.cliprange_value, n_tokens)
+                    (pg["loss"] + hp.vf_coef * vf["loss"]).backward()
+                    sums += torch.tensor([float(v.detach()) for v in (pg["loss"], vf["loss"], pg["clipfrac"], vf["clipfrac"], pg["approxkl"],
+                                                                       pg["ratio"], token_mean(-logprobs.detach(), mask, n_tokens))],
+                                         dtype=torch.float64)
+                distributed.all_reduce_grads(self.params)  # sum over processes: the whole minibatch's gradient
                 if hp.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
                 self.optimizer.step()
+                n_minibatches += 1
         self.optimizer.zero_grad(set_to_none=True)
-        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-        return {k: mean(v) for k, v in stats.items()}
+        means = distributed.all_reduce(sums) / max(n_minibatches, 1)
+        return dict(zip(keys, means.tolist()))
 
     def update(self) -> dict:
         """One PPO iteration: rollouts for the next prompt batch, the PPO epochs, the KL controller. Returns metrics."""
@@ -452,18 +511,23 @@ class PPO:
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], batch_size: int = 16) -> dict:
-        """Score policy and reference responses to the same prompts: mean scores, KL of the policy, win rate."""
+        """Score policy and reference responses to the same prompts: mean scores, KL of the policy, win rate.
+
+        Prompt i samples from the same seed for the policy and the reference, in every evaluation; each process
+        evaluates its share of the rows."""
         self.policy.eval()
+        mine = list(self.share(len(rows)))
         pol, ref, kls = [], [], []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i: i + batch_size]
-            q, qm, r, rm, ended, texts = self.rollout(chunk)
-            pol.append(self.scores(chunk, texts, r, rm, ended))
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i: i + batch_size]
+            chunk, seeds = [rows[k] for k in idx], [row_seed(self.hp.seed, 2**31, k) for k in idx]
+            q, qm, r, rm, ended, texts = self.rollout(chunk, seeds)
+            pol += self.scores(chunk, texts, r, rm, ended).tolist()
             lp, _ = forward_response(self.policy, None, q, qm, r, rm, self.hp.temperature, need_values=False)
-            kls.append((kl_estimate(lp, self.ref_logprobs(q, qm, r, rm), "k1") * rm).sum(1))
-            q, qm, r, rm, ended, texts = self.rollout(chunk, reference=True)
-            ref.append(self.scores(chunk, texts, r, rm, ended))
-        pol, ref, kls = torch.cat(pol), torch.cat(ref), torch.cat(kls)
+            kls += (kl_estimate(lp, self.ref_logprobs(q, qm, r, rm), "k1") * rm).sum(1).tolist()
+            q, qm, r, rm, ended, texts = self.rollout(chunk, seeds, reference=True)
+            ref += self.scores(chunk, texts, r, rm, ended).tolist()
+        pol, ref, kls = (torch.tensor([x for part in distributed.all_gather_objects(v) for x in part]) for v in (pol, ref, kls))
         from .stats import win_rate
 
         return {"score_policy": float(pol.mean()), "score_reference": float(ref.mean()), "kl": float(kls.mean()),

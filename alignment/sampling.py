@@ -4,7 +4,9 @@ the win-rate and generative evals, and `align generate` / `align chat` / `align 
 - `SamplingParams`: greedy (temperature 0) or sampled (temperature, top-k, top-p, min-p), repetition penalty,
   max_new_tokens, num_return_sequences, seed; validated with one clear line per bad value.
 - `stop_token_ids`: generation stops at end of text and end of turn (<|im_end|>), whatever the model's own config.
-- `generate_batch`: one left-padded batch of prompt ids -> the new tokens (B, R), as `model.generate` returns them.
+- `generate_batch`: one left-padded batch of prompt ids -> the new tokens (B, R), as `model.generate` returns them;
+  with `row_seeds` each row samples from its own generator (`row_seed`), so a row's tokens do not depend on the
+  batch it is in or on the process that draws it (PPO on several processes).
 - `truncate_at_stop`: cut each response after its first stop token, with the response mask.
 - `generate`: prompts (token id lists) -> `Completion`s (ids, text, finish reason), batched, seeded, with progress;
   with `draft_model` it decodes speculatively (`speculative_decode`), one prompt at a time.
@@ -99,9 +101,10 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def left_pad(seqs: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (B, L) ids and attention mask (generation continues from the right edge)."""
-    L = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad: int, device=None, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (B, L) ids and attention mask (generation continues from the right edge); L is the
+    longest list, or `width` when given (e.g. the longest of a batch split over processes)."""
+    L = max([len(s) for s in seqs] + [width or 0])
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     att = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -124,12 +127,59 @@ def generation_config(params: SamplingParams, stop_ids: list[int], pad: int):
         eos_token_id=list(stop_ids), pad_token_id=pad, use_cache=True)
 
 
+def row_seed(*parts: int) -> int:
+    """A seed for one row from integers such as (run seed, update, prompt index): distinct parts, distinct seeds."""
+    out = 0
+    for p in parts:
+        out = (out * 1_000_003 + p) % 2**63
+    return out
+
+
+class RowSeededSampler:
+    """A logits processor that samples row i of a batch from its own generator (seeded with seeds[i]): the row's tokens
+    depend only on its seed and its logits, not on its batch neighbours. Run with greedy decoding, it applies the
+    sampling knobs itself (temperature, top-k, top-p, min-p, with transformers' own warpers) and adds Gumbel noise,
+    -log E with E ~ Exp(1), to the log-probabilities: the argmax is then a sample of the filtered distribution."""
+
+    def __init__(self, seeds: list[int], params: SamplingParams, device):
+        from transformers.generation import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                             TopPLogitsWarper)
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.warpers = LogitsProcessorList(
+            ([TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else [])
+            + ([TopKLogitsWarper(params.top_k)] if params.top_k else [])
+            + ([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else [])
+            + ([MinPLogitsWarper(params.min_p)] if params.min_p else []))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = torch.log_softmax(self.warpers(input_ids, scores).float(), -1)  # (B, V), -inf where filtered out
+        noise = torch.stack([torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g) for g in self.generators])
+        # an exact 0 (float32 rounding) would give +inf - inf = nan on a filtered token; tiny keeps -inf there
+        return scores - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()
+
+
 @torch.no_grad()
 def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
-                   stop_ids: list[int], pad: int, **generate_kwargs) -> torch.Tensor:
+                   stop_ids: list[int], pad: int, row_seeds: list[int] | None = None, **generate_kwargs) -> torch.Tensor:
     """New tokens for one left-padded batch: (B * num_return_sequences, R), padded after each sequence's stop token.
 
-    Uses the torch RNG as it stands (callers seed it); `generate_kwargs` reach `model.generate` (e.g. a streamer)."""
+    Uses the torch RNG as it stands (callers seed it), or, with `row_seeds` (one per returned sequence), a generator
+    per row (RowSeededSampler); `generate_kwargs` reach `model.generate` (e.g. a streamer)."""
+    if row_seeds is not None and not params.greedy:
+        from dataclasses import replace
+
+        from transformers.generation import LogitsProcessorList
+
+        k = params.num_return_sequences
+        if len(row_seeds) != len(input_ids) * k:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(input_ids)} x {k} sequences")
+        sampler = RowSeededSampler(row_seeds, params, input_ids.device)
+        input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+        greedy = replace(params, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, num_return_sequences=1)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config(greedy, stop_ids, pad),
+                             logits_processor=LogitsProcessorList([sampler]), **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                          generation_config=generation_config(params, stop_ids, pad), **generate_kwargs)
     return out[:, input_ids.shape[1]:]

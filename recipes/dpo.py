@@ -78,13 +78,17 @@ class RefLogpCache:
         return blob["ref_chosen_logps"], blob["ref_rejected_logps"]
 
     def save(self, name: str, data_fingerprint: str, chosen, rejected) -> Path:
-        """Write one split's reference log-probs atomically (with the key parts, for humans)."""
+        """Write one split's reference log-probs atomically (with the key parts, for humans); under a launcher every
+        process calls it with the same values, the main process writes and the others wait."""
+        from alignment import distributed
         from alignment.io import atomic_write_bytes
 
-        buf = io.BytesIO()
-        torch.save({"ref_chosen_logps": torch.as_tensor(chosen), "ref_rejected_logps": torch.as_tensor(rejected),
-                    "key": json.dumps({**self.key_parts, "data": data_fingerprint, "split": name})}, buf)
-        atomic_write_bytes(self.path(name, data_fingerprint), buf.getvalue())
+        if distributed.is_main():
+            buf = io.BytesIO()
+            torch.save({"ref_chosen_logps": torch.as_tensor(chosen), "ref_rejected_logps": torch.as_tensor(rejected),
+                        "key": json.dumps({**self.key_parts, "data": data_fingerprint, "split": name})}, buf)
+            atomic_write_bytes(self.path(name, data_fingerprint), buf.getvalue())
+        distributed.barrier()
         return self.path(name, data_fingerprint)
 
 
@@ -118,9 +122,10 @@ def main(cfg) -> dict:
     """Read and check pairs and model, fetch or compute reference log-probs, train with DPOTrainer (resuming a killed
     run), save."""
     from datasets import Dataset
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from alignment import modeling
+    from alignment import distributed, modeling
     from alignment.compat import DPO_LOSS_TYPES, PretokenizedDPOTrainer
     from alignment.data import fingerprint, load_preference_pairs, parse_source, split_holdout, tokenize_preference
     from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
@@ -172,13 +177,17 @@ def main(cfg) -> dict:
 
     # output: every input checked; work in the partial sibling, resume it when the same run was killed
     inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
-    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "dpo")
+    # (under accelerate launch / torchrun every process decides alike; only the main one writes files outside the Trainer)
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
+                   inputs, "dpo")
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
         check_checkpoint_files(checkpoint)
-        print(f"dpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"dpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
+    set_seed(args.seed)  # the seed decides the new weights (LoRA): the same on every process and in every run
     model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,
                                 gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
@@ -191,7 +200,6 @@ def main(cfg) -> dict:
                                      processing_class=tokenizer, ref_cache=cache, data_fingerprints=fingerprints)
     modeling.adapters_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    changed, n_tensors = modeling.changed_parameters(trainer.model, before)
 
     # preference accuracy on held-out pairs: reference (= before training) vs. trained policy
     acc_before = acc_after = implicit = None
@@ -202,7 +210,12 @@ def main(cfg) -> dict:
         acc_after = (pol_c > pol_r).float().mean().item()
         implicit = ((pol_c - ref_c) > (pol_r - ref_r)).float().mean().item()
 
-    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    trained = modeling.gathered_model(trainer, model_args.model_name_or_path, "causal")  # None on other processes
+    if not distributed.is_main():
+        distributed.barrier()  # the main process writes the outputs and swaps them into place
+        return {}
+    changed, n_tensors = modeling.changed_parameters(trained, before)
+    modeling.save_stage_outputs(trained, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
     save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
         "train_loss": result.training_loss, "steps": result.global_step, "resumed_from": checkpoint, "train_pairs": len(train_rows),
@@ -215,6 +228,7 @@ def main(cfg) -> dict:
     }
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
     run.commit()
+    distributed.barrier()
     acc_txt = (f"; held-out preference accuracy {acc_before:.3f} -> {acc_after:.3f} on {len(eval_rows)} pairs "
                f"(implicit reward accuracy {implicit:.3f})") if eval_rows else ""
     ref_txt = f"reference log-probs {'cached' if cache.hits and not cache.misses else 'computed'}"

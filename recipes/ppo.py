@@ -51,17 +51,22 @@ def main(cfg) -> dict:
     """Validate inputs, load models, run PPO updates with checkpoints, write adapter + merged and the report."""
     from transformers import AutoModel
 
+    from alignment import distributed
     from alignment.data import encode_prompts, read_prompt_rows
     from alignment.io import StageRun, atomic_dir, atomic_write_json
-    from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, load_model, load_tokenizer, same_tokenizer,
-                                    save_stage_outputs)
-    from alignment.ppo import PPO, ValueHead, kl_controller, plot_curves
+    from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, default_device, load_model, load_tokenizer,
+                                    same_tokenizer, save_stage_outputs)
+    from alignment.ppo import PPO, ValueHead, check_batch_sizes, kl_controller, plot_curves
     from alignment.rewards import RewardModel, build_rewards, needs_reward_model, reward_stats, total_reward
     from alignment.sampling import stop_token_ids
     from alignment.tracking import Trackers, check_report_to
 
     cfg, _, model_args = cfg
     t0 = time.time()
+    # under accelerate launch / torchrun: every process runs this file on its share of each batch (alignment/ppo.py);
+    # all read the same inputs and decide alike, only the main one writes
+    distributed.init()
+    main_process = distributed.is_main()
     # -- validate everything before writing anything
     if not model_args.model_name_or_path:
         raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
@@ -73,9 +78,7 @@ def main(cfg) -> dict:
     if cfg.value_model != "policy":
         check_model_dir(cfg.value_model, "value_model")
     kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)  # kl_coef < 0 etc.: fail before loading
-    if cfg.rollout_batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
-        raise UserError(f"batch sizes: rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of mini_batch_size "
-                        f"({cfg.mini_batch_size}), and that of gradient_accumulation_steps ({cfg.gradient_accumulation_steps})")
+    check_batch_sizes(cfg, distributed.world_size())
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"kl_estimator: {cfg.kl_estimator!r}; expected 'k1' or 'k3'")
     check_report_to(cfg.report_to)
@@ -90,7 +93,7 @@ def main(cfg) -> dict:
     prompts = encode_prompts(tok, rows, context, cfg.response_length, cfg.long_prompts)
     n_eval = min(cfg.eval_prompts, len(prompts) // 4)  # never more than a quarter of the prompts
     eval_rows, train_rows = prompts[:n_eval], prompts[n_eval:]
-    if len(train_rows) < cfg.rollout_batch_size:
+    if len(train_rows) < cfg.rollout_batch_size and main_process:
         print(f"note: {len(train_rows)} training prompts < rollout_batch_size {cfg.rollout_batch_size}; prompts repeat within a batch",
               file=sys.stderr)
     stop_ids = stop_token_ids(tok)
@@ -104,7 +107,7 @@ def main(cfg) -> dict:
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()  # this process's GPU under a launcher
     policy = load_model(model_args.model_name_or_path, model_args, "causal", tok, training=True, device=device)
     ref_model = None
     if model_args.use_peft:
@@ -133,32 +136,42 @@ def main(cfg) -> dict:
     ckpt = latest_checkpoint(work) if run.resumed else None
     if ckpt is not None:
         ppo.load_checkpoint(ckpt)
-        print(f"ppo: resuming the interrupted run from {ckpt} at update {ppo.step}", file=sys.stderr)
-    save_config(work, cfg, model_args, overrides={"output_dir": cfg.output_dir})
+        if main_process:
+            print(f"ppo: resuming the interrupted run from {ckpt} at update {ppo.step}", file=sys.stderr)
+    if main_process:
+        save_config(work, cfg, model_args, overrides={"output_dir": cfg.output_dir})
+
+    def checkpoint():  # rank 0 writes it (every process holds the same weights and optimizer state)
+        if main_process:
+            with atomic_dir(work / "checkpoints" / f"step_{ppo.step:06d}", overwrite=True) as tmp:
+                ppo.save_checkpoint(tmp)
+        distributed.barrier()
 
     before = ppo.evaluate(eval_rows) if eval_rows and ppo.step == 0 else None
-    trackers = Trackers(work, cfg.report_to, "align-ppo", fingerprint_config(cfg, model_args), history=ppo.history)
+    trackers = Trackers(work, cfg.report_to, "align-ppo", fingerprint_config(cfg, model_args), history=ppo.history, active=main_process)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.num_updates, initial=ppo.step, desc="ppo", unit="update")
+    bar = tqdm(total=cfg.num_updates, initial=ppo.step, desc="ppo", unit="update", disable=not main_process)
     while ppo.step < cfg.num_updates:
         m = ppo.update()
-        m.update({f"rewards/{k}/mean": v for k, v in reward_means.items()})  # the rollout's rewards (also kept in history)
+        shares = distributed.all_gather_objects(dict(reward_means))  # each process scored an equal share of the batch
+        m.update({f"rewards/{k}/mean": sum(d[k] for d in shares) / len(shares) for k in reward_means})  # (also kept in history)
         if ppo.step % cfg.logging_steps == 0 or ppo.step == cfg.num_updates:
             trackers.log(m, ppo.step)
         bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}", clip=f"{m['policy/clipfrac_avg']:.2f}")
         bar.update(1)
         if cfg.save_steps and ppo.step % cfg.save_steps == 0 and ppo.step < cfg.num_updates:
-            with atomic_dir(work / "checkpoints" / f"step_{ppo.step:06d}", overwrite=True) as tmp:
-                ppo.save_checkpoint(tmp)
+            checkpoint()
     bar.close()
     trackers.close()
-    with atomic_dir(work / "checkpoints" / f"step_{ppo.step:06d}", overwrite=True) as tmp:
-        ppo.save_checkpoint(tmp)
+    checkpoint()
 
     after = ppo.evaluate(eval_rows) if eval_rows else None
     if before is None and eval_rows:  # resumed: the reference is still there to compare against
         before = {"score_policy": after["score_reference"], "kl": 0.0}
+    if not main_process:
+        distributed.barrier()  # the main process writes the outputs and swaps them into place
+        return {}
     save_stage_outputs(policy, tok, model_args.model_name_or_path, work)
     from safetensors.torch import save_file
 
@@ -174,6 +187,7 @@ def main(cfg) -> dict:
     }
     atomic_write_json(work / "summary.json", summary)
     run.commit()
+    distributed.barrier()
     out = cfg.output_dir
     print(f"ppo: {ppo.step} updates ({summary['episodes']} episodes) in {summary['seconds']}s -> {out}/merged")
     print(f"  train score {summary['first_update']['objective/scores']:+.3f} -> {summary['last_update']['objective/scores']:+.3f}, "

@@ -88,9 +88,10 @@ def main(cfg) -> dict:
     save with reward stats."""
     import torch
     from datasets import Dataset
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from alignment import modeling
+    from alignment import distributed, modeling
     from alignment.compat import RewardTrainer
     from alignment.data import load_preference_pairs, parse_source, split_holdout
     from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
@@ -128,14 +129,18 @@ def main(cfg) -> dict:
 
     # output: every input checked; work in the partial sibling, resume it when the same run was killed
     inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
-    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "reward")
+    # (under accelerate launch / torchrun every process decides alike; only the main one writes files outside the Trainer)
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
+                   inputs, "reward")
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
         check_checkpoint_files(checkpoint)
-        print(f"reward: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"reward: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     # model: 1-output sequence classifier on the input LM (the `score` head starts random and is always trained)
+    set_seed(args.seed)  # the seed decides the new weights (head, LoRA): the same on every process and in every run
     model = modeling.load_model(model_args.model_name_or_path, model_args, "reward", tokenizer, training=True,
                                 gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
@@ -148,7 +153,6 @@ def main(cfg) -> dict:
                             eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer)
     modeling.adapters_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    changed, n_tensors = modeling.changed_parameters(trainer.model, before)
 
     # health gates: a reward model that cannot rank held-out pairs, or no better than untrained, only teaches PPO noise
     acc, eval_chosen, eval_rejected = pairwise_accuracy(trainer.model, eval_rows, tokenizer.pad_token_id, script.score_batch_size)
@@ -161,9 +165,12 @@ def main(cfg) -> dict:
               "eval_accuracy_by_group": {g: {"accuracy": sum(v) / len(v), "pairs": len(v)} for g, v in sorted(by_group.items())},
               "min_eval_accuracy": script.min_eval_accuracy, "min_eval_improvement": script.min_eval_improvement,
               "passed": acc >= script.min_eval_accuracy and improved}
-    atomic_write_json(f"{args.output_dir}/health.json", health)
-    if not health["passed"]:
-        run.discard()  # a finished run that failed its gate: nothing in it to resume, nothing to keep
+    if distributed.is_main():
+        atomic_write_json(f"{args.output_dir}/health.json", health)
+    if not health["passed"]:  # every process computed the same accuracies, so every process stops here
+        if distributed.is_main():
+            run.discard()  # a finished run that failed its gate: nothing in it to resume, nothing to keep
+        distributed.barrier()
         why = (f"< min_eval_accuracy {script.min_eval_accuracy}" if acc < script.min_eval_accuracy else
                f"is not above the untrained model's {acc_before:.3f} + min_eval_improvement {script.min_eval_improvement}")
         raise UserError(f"reward health gate: held-out pairwise accuracy {acc:.3f} on {len(eval_rows)} pairs {why}; "
@@ -174,7 +181,12 @@ def main(cfg) -> dict:
     scores = torch.tensor(train_chosen + train_rejected)
     stats = {"mean": scores.mean().item(), "std": scores.std().item() if len(scores) > 1 else 0.0, "n": len(scores)}
 
-    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "reward",
+    trained = modeling.gathered_model(trainer, model_args.model_name_or_path, "reward")  # None on other processes
+    if not distributed.is_main():
+        distributed.barrier()  # the main process writes the outputs and swaps them into place
+        return {}
+    changed, n_tensors = modeling.changed_parameters(trained, before)
+    modeling.save_stage_outputs(trained, tokenizer, model_args.model_name_or_path, args.output_dir, "reward",
                                 extra_files={"reward_stats.json": stats})
     save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
@@ -185,6 +197,7 @@ def main(cfg) -> dict:
     }
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
     run.commit()
+    distributed.barrier()
     print(f"reward: {result.global_step} steps on {len(train_rows)} pairs, train loss {result.training_loss:.4f}; "
           f"held-out accuracy {acc_before:.3f} -> {acc:.3f} on {len(eval_rows)} pairs (gate {script.min_eval_accuracy})"
           + "".join(f", {g} {v['accuracy']:.3f} ({v['pairs']})" for g, v in health["eval_accuracy_by_group"].items()) + "; "

@@ -42,9 +42,10 @@ class SFTScriptArguments:
 def main(cfg) -> dict:
     """Read and check data and model, train with SFTTrainer (resuming a killed run), save adapter + merged."""
     from datasets import Dataset
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from alignment import modeling
+    from alignment import distributed, modeling
     from alignment.compat import SFTTrainer
     from alignment.data import load_conversations, parse_source, split_holdout, tokenize_sft
     from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
@@ -85,14 +86,18 @@ def main(cfg) -> dict:
 
     # output: every input checked; work in the partial sibling, resume it when the same run was killed
     inputs = [model_args.model_name_or_path] + [parse_source(s).path for s in script.train_data + script.eval_data]
-    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args), inputs, "sft")
+    # (under accelerate launch / torchrun every process decides alike; only the main one writes files outside the Trainer)
+    run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
+                   inputs, "sft")
     args.output_dir = str(run.start())
     checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
     if checkpoint:
         check_checkpoint_files(checkpoint)
-        print(f"sft: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"sft: resuming the interrupted run from {checkpoint}", file=sys.stderr)
 
     # model: fp32 on CPU, optional 8/4-bit base + LoRA on attention and MLP projections
+    set_seed(args.seed)  # the seed decides the new weights (LoRA): the same on every process and in every run
     model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,
                                 gradient_checkpointing=args.gradient_checkpointing)
     if model_args.use_peft:
@@ -106,8 +111,12 @@ def main(cfg) -> dict:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_rows else {}
 
-    changed, n_tensors = modeling.changed_parameters(trainer.model, before)
-    modeling.save_stage_outputs(trainer.model, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
+    trained = modeling.gathered_model(trainer, model_args.model_name_or_path, "causal")  # None on other processes
+    if not distributed.is_main():
+        distributed.barrier()  # the main process writes the outputs and swaps them into place
+        return {}
+    changed, n_tensors = modeling.changed_parameters(trained, before)
+    modeling.save_stage_outputs(trained, tokenizer, model_args.model_name_or_path, args.output_dir, "causal")
     args.assistant_only_loss = assistant_only  # config.yaml records what the user asked for
     save_config(args.output_dir, script, args, model_args, overrides={"output_dir": output_dir})
     summary = {
@@ -129,6 +138,7 @@ def main(cfg) -> dict:
     }
     atomic_write_json(f"{args.output_dir}/summary.json", summary)
     run.commit()
+    distributed.barrier()
     eval_txt = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
     print(f"sft: {summary['steps']} steps on {len(train_rows)} conversations, train loss {result.training_loss:.4f}{eval_txt}; "
           f"{trainable:,}/{total:,} params trainable, {changed}/{n_tensors} tensors changed; "
