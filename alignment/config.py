@@ -276,13 +276,30 @@ class StageConfig(typing.NamedTuple):
     model: typing.Any
 
 
+@dataclasses.dataclass
+class MemoryCheckArguments:
+    skip_memory_check: bool = dataclasses.field(default=False, metadata={
+        "help": "On a CUDA device the stage first estimates its peak memory (as `align memory` does) and stops with one "
+                "line when it exceeds the free memory; true skips that check."})
+
+
 def parse_stage_config(script_type, training_type, model_type, argv=None) -> StageConfig:
-    """parse_config for a training stage: StageConfig(script, training, model); training_type may be None."""
+    """parse_config for a training stage: StageConfig(script, training, model); training_type may be None (our PPO).
+
+    On a CUDA device the config is first checked against the free device memory (alignment.memory.preflight): a run
+    that cannot fit stops here, with the estimate and the smallest change that fits, instead of at an OOM later."""
     types_ = [t for t in (script_type, training_type, model_type) if t is not None]
-    parsed = list(parse_config(types_, argv))
+    parsed = list(parse_config(types_ + [MemoryCheckArguments], argv))
+    check = parsed.pop()
     script = parsed.pop(0)
     training = parsed.pop(0) if training_type is not None else None
-    return StageConfig(script, training, parsed.pop(0))
+    cfg = StageConfig(script, training, parsed.pop(0))
+    if not check.skip_memory_check:
+        from . import memory
+
+        stage = training_type.__name__.removesuffix("Config").lower() if training_type is not None else "ppo"
+        memory.preflight_here(stage, config_dict(*[c for c in cfg if c is not None]))
+    return cfg
 
 
 # keys that say where and how a run reports, not what it computes: a run that differs only in these resumes

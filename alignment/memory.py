@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -117,6 +118,13 @@ STAGE_DEFAULTS: dict[str, dict] = {
         "reference_model": None,
     },
     "pretrain": {"batch_size": 16, "seq_len": 256, "grad_accum": 1, "dtype": "auto", "fsdp": False},
+    "serve": {"dtype": "auto", "max_parallel": 1, "max_n": 4, "max_tokens": 512, "model2": None, "draft_model": None},
+    "generate": {"dtype": "auto", "load_in_8bit": False, "load_in_4bit": False, "batch_size": 8, "num_return_sequences": 1,
+                 "max_new_tokens": 128, "draft_model": None},
+    "chat": {"dtype": "auto", "load_in_8bit": False, "load_in_4bit": False, "max_new_tokens": 256, "draft_model": None},
+    "distill": {"batch_size": 16, "seq_len": 128, "sample_tokens": 64, "samples_per_prompt": 1, "hidden_size": 64,
+                "num_hidden_layers": 1, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "init": None},
 }
 STAGES = tuple(STAGE_DEFAULTS)
 # Prompt tokens assumed where a stage's config does not bound them (RL prompts, pairs, eval documents).
@@ -1285,6 +1293,62 @@ def _pretrain(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
     return Estimate(stage, resident, phases, notes, n, sharding)
 
 
+def _inference(stage: str, settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
+    """align serve / generate / chat: inference only. Each model (the first, serve's second, a draft) loads in its
+    dtype (auto: the checkpoint's; fp32 without CUDA) or 8/4-bit; the peak is the largest set of sequences sampled at
+    once: serve runs max_parallel requests of up to max_n answers and max_tokens each, generate batch_size prompts x
+    num_return_sequences (one prompt at a time with a draft), chat one answer."""
+    quant = "nf4" if settings.get("load_in_4bit") else "int8" if settings.get("load_in_8bit") else None
+    resident, phases = [], []
+    P = _int(settings, stage, "prompt_length") if settings.get("prompt_length") else DEFAULT_PROMPT_LENGTH
+    if stage == "serve":
+        B, R = _int(settings, stage, "max_parallel") * _int(settings, stage, "max_n"), _int(settings, stage, "max_tokens")
+    elif stage == "generate":
+        per_call = 1 if settings.get("draft_model") else _int(settings, stage, "batch_size")
+        B, R = per_call * _int(settings, stage, "num_return_sequences"), _int(settings, stage, "max_new_tokens")
+    else:
+        B, R = 1, _int(settings, stage, "max_new_tokens")
+    for role, label in (("policy", "model"), ("second", "second model"), ("draft", "draft model")):
+        if role not in shapes:
+            continue
+        prec = precision(str(_get(settings, stage, "dtype")), shapes[role], quant if role == "policy" else None)
+        resident += [replace(t, kind="models") for t in weight_terms(shapes[role], prec, "causal", label)]
+        if role != "second":  # the two arena models answer one after the other, not at once
+            phases.append(Phase(f"{label}: sampling {B} sequences of {P} + {R} tokens",
+                                generation_terms(shapes[role], prec, B, P, R, label)))
+    # a draft and its target both hold their caches while decoding: the draft's transients add to the target's
+    if len(phases) == 2:
+        phases = [Phase(phases[0].name + " with its draft", phases[0].terms + phases[1].terms)]
+    return Estimate(stage, resident, phases, [f"prompts assumed {P} tokens (--prompt_length N to change)"], n, sharding)
+
+
+def _distill(settings: dict, shapes: dict, n: int, sharding: str) -> Estimate:
+    """align distill: the target frozen in fp32 (no CUDA: fp32; on a GPU in its checkpoint dtype), the small draft
+    trained in fp32 with AdamW. The larger of sampling the target's outputs (batch_size prompts x samples_per_prompt)
+    and a training step: the target's full logits over batch_size x seq_len (the KL needs every position) beside the
+    draft's forward, logits and backward."""
+    stage = "distill"
+    target, draft = shapes["policy"], shapes["draft"]
+    tprec = precision("auto", target)
+    dprec = precision("float32", draft)
+    resident = [replace(t, kind="models") for t in weight_terms(target, tprec, "causal", "target (frozen)")]
+    resident += weight_terms(draft, dprec, "causal", "draft")
+    count = draft.params()
+    grads = [Term(f"gradients of the draft ({count / 1e6:.1f}M params, fp32)", 4 * count, "grads")]
+    resident.append(Term(f"AdamW states (2 x fp32) for {count / 1e6:.1f}M params", 8 * count, "optimizer"))
+    B, T = _int(settings, stage, "batch_size"), _int(settings, stage, "seq_len")
+    k = _int(settings, stage, "samples_per_prompt")
+    kept, layer_bwd = activation_terms(draft, dprec, None, B, T, checkpointing=False)
+    phases = [
+        Phase(f"target sampling ({B * k} sequences)",
+              generation_terms(target, tprec, B * k, T, _int(settings, stage, "sample_tokens"), "target")),
+        Phase(f"training step ({B} x {T} tokens)",
+              full_logits_terms(target, tprec, B, T, T, train=False) + kept + layer_bwd
+              + full_logits_terms(draft, dprec, B, T, T, train=True) + grads),
+    ]
+    return Estimate(stage, resident, phases, [], n, sharding)
+
+
 def estimate(
     stage: str, settings: dict, shapes: dict[str, ModelShape], num_processes: int = 1, sharding: str = "none"
 ) -> Estimate:
@@ -1312,6 +1376,10 @@ def estimate(
         return _pairs(settings, shapes, num_processes, sharding)
     if stage == "eval":
         return _eval(settings, shapes, num_processes, sharding)
+    if stage in ("serve", "generate", "chat"):
+        return _inference(stage, settings, shapes, num_processes, sharding)
+    if stage == "distill":
+        return _distill(settings, shapes, num_processes, sharding)
     return _pretrain(settings, shapes, num_processes, sharding)
 
 
@@ -1493,7 +1561,7 @@ def shapes_for(stage: str, settings: dict, config_of=None) -> dict[str, ModelSha
         return shape_from_config(config_of(str(settings[key]), key), f"{key}: {settings[key]}")
 
     shapes: dict[str, ModelShape] = {}
-    key = "model" if stage == "eval" else "model_name_or_path"
+    key = {"eval": "model", "serve": "model", "generate": "model", "chat": "model", "distill": "target"}.get(stage, "model_name_or_path")
     if isinstance(settings.get("model_shape"), dict):
         shapes["policy"] = shape_from_config(settings["model_shape"], "model_shape")
     elif settings.get(key):
@@ -1506,7 +1574,58 @@ def shapes_for(stage: str, settings: dict, config_of=None) -> dict[str, ModelSha
         shapes["value"] = shape("value_model")
     if stage == "eval" and settings.get("reference_model"):
         shapes["reference"] = shape("reference_model")
+    if stage == "serve" and settings.get("model2"):
+        shapes["second"] = shape("model2")
+    if stage in ("serve", "generate", "chat") and settings.get("draft_model"):
+        shapes["draft"] = shape("draft_model")
+    if stage == "distill":
+        if settings.get("init"):
+            shapes["draft"] = shape("init")
+        else:  # a fresh draft of the target's vocabulary (recipes/distill.py builds a Llama)
+            head = int(_get(settings, stage, "hidden_size")) // int(_get(settings, stage, "num_attention_heads"))
+            t = shapes["policy"]
+            shapes["draft"] = ModelShape("llama", t.vocab_size, int(_get(settings, stage, "hidden_size")),
+                                         int(_get(settings, stage, "intermediate_size")), int(_get(settings, stage, "num_hidden_layers")),
+                                         int(_get(settings, stage, "num_attention_heads")), int(_get(settings, stage, "num_key_value_heads")),
+                                         head, tie_word_embeddings=True, max_position_embeddings=t.max_position_embeddings)
     return shapes
+
+
+def device_free_bytes() -> int | None:
+    """Free memory of this process's CUDA device (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0])
+
+
+def launch_setup() -> tuple[int, str]:
+    """(processes, sharding) of the accelerate / torchrun launch this process belongs to, from its environment."""
+    import os
+
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return n, "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and os.environ.get(
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+        return n, "zero3"
+    return n, "none"
+
+
+def preflight_here(stage: str, settings: dict) -> None:
+    """preflight against this process's device and launch. A model the estimator cannot read (not written yet, an
+    architecture it does not model) skips the check: the stage itself then says what is wrong, or runs."""
+    free = device_free_bytes()
+    if free is None:
+        return
+    n, sharding = launch_setup()
+    try:
+        shapes_for(stage, settings)
+    except UserError as e:
+        print(f"note: memory check skipped ({e})", file=sys.stderr)
+        return
+    preflight(stage, settings, free, n, sharding)
 
 
 def preflight(

@@ -118,7 +118,11 @@ def test_stage_defaults_match_the_config_classes():
     from pretrain.train import PretrainConfig
     from recipes.pairs import PairsConfig
     from recipes.ppo import PPOStageConfig
+    from recipes.chat import ChatConfig
+    from recipes.distill import DistillConfig
+    from recipes.generate import GenerateConfig
     from recipes.reward import RewardScriptArguments
+    from recipes.serve import ServeConfig
 
     def defaults(*classes):
         out = {}
@@ -137,6 +141,10 @@ def test_stage_defaults_match_the_config_classes():
         "pairs": defaults(PairsConfig),
         "eval": defaults(EvalConfig),
         "pretrain": defaults(PretrainConfig),
+        "serve": defaults(ServeConfig),
+        "generate": defaults(GenerateConfig),
+        "chat": defaults(ChatConfig),
+        "distill": defaults(DistillConfig),
     }
     online = {"reward_load_in_8bit", "reward_batch_size"}  # alignment.rewards.OnlineRLArguments
     for stage, ours in mem.STAGE_DEFAULTS.items():
@@ -266,8 +274,9 @@ def test_every_stage_yaml_gets_a_breakdown(path, capsys):
     assert out["peak"] > mem.CUDA_CONTEXT
 
 
-def test_recipe_chain_to_a_pretraining_preset():
+def test_recipe_chain_to_a_pretraining_preset(tmp_path, monkeypatch):
     """runs/tiny/sft/merged does not exist yet: it is followed back to the tiny preset and the tokenizer YAML."""
+    monkeypatch.chdir(tmp_path)  # where no runs/ exists
     a = cmd.parse_args(["--config", str(RECIPES / "tiny" / "dpo.yaml")])
     shape = cmd.shapes_for(a.stage, a.settings, a.config)["policy"]
     assert (shape.vocab_size, shape.hidden_size, shape.num_hidden_layers) == (1024, 192, 4)
@@ -315,3 +324,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     nostage = tmp_path / "x.yaml"
     nostage.write_text("# some comment\nmodel_name_or_path: Qwen/Qwen2.5-3B\n")
     assert "--stage" in bad(["--config", str(nostage)], capsys)
+
+
+def test_training_stages_check_memory_before_they_start(monkeypatch):
+    """On a CUDA device (faked here: 6 GB free) the parsed config of a training stage is checked against the free
+    memory: the 3B QLoRA SFT recipe (estimated ~10 GB) stops with one line; --skip_memory_check true lets it through."""
+    from alignment.compat import ModelConfig, SFTConfig
+    from alignment.config import parse_stage_config
+    from recipes.sft import SFTScriptArguments
+
+    monkeypatch.setattr(mem, "device_free_bytes", lambda: 6 * GiB)
+    argv = ["--config", str(RECIPES / "gpu16" / "sft.yaml"), "--output_dir", "unused"]
+    with pytest.raises(UserError, match=r"sft: estimated peak .* exceeds the 6.00 GB free on the device"):
+        parse_stage_config(SFTScriptArguments, SFTConfig, ModelConfig, argv)
+    cfg = parse_stage_config(SFTScriptArguments, SFTConfig, ModelConfig, argv + ["--skip_memory_check", "true"])
+    assert cfg.model.model_name_or_path == "Qwen/Qwen2.5-3B"
+    monkeypatch.setattr(mem, "device_free_bytes", lambda: 40 * GiB)
+    parse_stage_config(SFTScriptArguments, SFTConfig, ModelConfig, argv)  # fits: no error
