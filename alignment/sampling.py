@@ -14,6 +14,8 @@ the win-rate and generative evals, and `align generate` / `align chat` / `align 
   what it would have produced itself: greedy output is token for token the target's greedy output, and sampled output
   follows the target's distribution exactly (`accept_draft`, the accept/reject rule of speculative sampling).
   `SpeculativeStats` counts drafted and accepted tokens (the acceptance rate) and target forward passes.
+- `TokenStream`: the streamer of `align chat` and `align serve`: the answers' text as tokens arrive, cut at stop
+  tokens and stop strings, never splitting a UTF-8 character; it can end a generation early (`Halt`).
 
 Why not transformers' assisted generation (`generate(assistant_model=...)`, which implements the same rule): it takes
 one sequence at a time too, refuses num_return_sequences > 1, reports no acceptance counts, and calls the assistant's
@@ -27,6 +29,7 @@ Every call builds its own GenerationConfig with every knob set, so a model direc
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +51,6 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
     seed: int | None = 0
-    stop: list[str] = field(default_factory=list)
 
     def check(self, where: str = "sampling") -> "SamplingParams":
         """Raise UserError for a value out of range; returns self."""
@@ -527,38 +529,116 @@ def load_generation_models(args: GenerationArguments, tokenizer):
     return model, draft
 
 
-class TextStream:
-    """A streamer (transformers' protocol: put(ids), end()) that hands decoded text to `write` as tokens arrive.
+class Halt(Exception):
+    """Raised by the streamer inside `generate` to end it early: every answer is finished, or the client went away."""
 
-    The first put (the prompt, as `generate` sends it) is skipped; nothing from a stop token on is written; a token
-    that ends inside a multi-byte character waits for the next one."""
 
-    def __init__(self, tokenizer, write, stop_ids: list[int]):
-        self.tokenizer, self.write, self.stop_ids = tokenizer, write, set(stop_ids)
-        self.ids: list[int] = []
-        self.shown = 0
-        self.prompt_seen = self.stopped = False
+@dataclass
+class Answer:
+    """One finished answer: its text (stop string excluded), why it ended, and how many tokens were generated."""
+
+    index: int
+    text: str
+    finish_reason: str
+    tokens: int
+
+
+def cut_at_stop_strings(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first occurrence of any stop string, and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` must wait before they are streamed: an incomplete UTF-8 character (the
+    decoder shows it as U+FFFD until its last byte arrives) or what may be the start of a stop string."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+class TokenStream:
+    """A transformers streamer (`put(ids)`, `end()`) over the `n` answers to one prompt.
+
+    It keeps each answer's token ids up to its first stop token, decodes them as the sampler does
+    (`alignment.sampling.decode_response`), ends an answer at the first stop string, and calls `on_text(index, delta)`
+    with the text that can no longer change. `put` raises `Halt` once every answer is finished or `cancelled` is set,
+    which ends the generation there (unless `halt_when_finished` is false: `align chat` lets `generate` end itself and
+    keeps its Completion). The first `put` is the prompt (transformers' protocol) and is skipped; after it,
+    a put holds one token per answer (n > 1) or any number of tokens of the only answer (n == 1)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        n: int,
+        stop_ids: list[int],
+        stop_strings=(),
+        on_text=None,
+        cancelled: threading.Event | None = None,
+        halt_when_finished: bool = True,
+    ):
+        self.tokenizer, self.n = tokenizer, n
+        self.stop_ids = list(stop_ids)
+        self.stops = [s for s in stop_strings if s]
+        self.on_text = on_text
+        self.cancelled = cancelled or threading.Event()
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.sent = [0] * n
+        self._prompt_seen = False
+        self.halt_when_finished = halt_when_finished
 
     def put(self, value) -> None:
-        """Take the next tokens (a tensor (1, n) or (n,)); the first call's tokens are the prompt."""
-        if not self.prompt_seen:
-            self.prompt_seen = True
+        """Take the next token(s); raise Halt when there is nothing left to generate."""
+        if self.cancelled.is_set():
+            raise Halt("cancelled")
+        if not self._prompt_seen:
+            self._prompt_seen = True
             return
-        for t in value.reshape(-1).tolist():
-            if self.stopped or t in self.stop_ids:
-                self.stopped = True
-                break
-            self.ids.append(t)
-        self._flush(final=False)
+        flat = value.reshape(-1).tolist()
+        for i, t in [(0, t) for t in flat] if self.n == 1 else enumerate(flat):
+            self._add(i, int(t))
+        if self.halt_when_finished and all(f is not None for f in self.finish):
+            raise Halt("finished")
 
     def end(self) -> None:
-        """Write what is left."""
-        self._flush(final=True)
+        """transformers calls this when generation ends: flush what was held back (`close` does it too, after a Halt)."""
+        for i in range(self.n):
+            self._emit(i, final=True)
 
-    def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd") and not final:
+    def _add(self, i: int, token: int) -> None:
+        if self.finish[i] is not None:  # padding after a finished answer, or tokens past its stop string
             return
-        if len(text) > self.shown:
-            self.write(text[self.shown:])
-            self.shown = len(text)
+        if token in self.stop_ids:
+            self.ids[i].append(token)
+            self.finish[i] = FINISH_STOP
+            self._emit(i, final=True)
+            return
+        self.ids[i].append(token)
+        text = decode_response(self.tokenizer, self.ids[i], self.stop_ids)
+        text, hit = cut_at_stop_strings(text, self.stops)
+        self.texts[i] = text
+        if hit:
+            self.finish[i] = FINISH_STOP
+        self._emit(i, final=hit)
+
+    def _emit(self, i: int, final: bool) -> None:
+        text = self.texts[i]
+        upto = len(text) if final else len(text) - held_back(text, self.stops)
+        if upto > self.sent[i]:
+            delta, self.sent[i] = text[self.sent[i] : upto], upto
+            if self.on_text is not None:
+                self.on_text(i, delta)
+
+    def close(self) -> list[Answer]:
+        """Finish every answer (one still open ran out of max_tokens) and flush what was held back."""
+        for i in range(self.n):
+            if self.finish[i] is None:
+                self.finish[i] = FINISH_LENGTH
+            self._emit(i, final=True)
+        return [Answer(i, self.texts[i], self.finish[i], len(self.ids[i])) for i in range(self.n)]

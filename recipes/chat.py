@@ -51,7 +51,7 @@ def fit_context(tokenizer, system: str | None, history: list[dict], user: str, r
 def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
     """Run the conversation loop over `stdin` (default: the terminal or pipe); returns one record per turn
     ({"user", "reply", "prompt_ids", "reply_ids", "finish_reason", "dropped"})."""
-    from alignment.sampling import (SpeculativeStats, TextStream, check_generation_inputs, generate,
+    from alignment.sampling import (SpeculativeStats, TokenStream, check_generation_inputs, generate,
                                     load_generation_models, stop_token_ids)
 
     stdin = stdin or sys.stdin
@@ -122,7 +122,8 @@ def main(cfg: ChatConfig, stdin=None, stdout=None) -> list[dict]:
         t0 = time.perf_counter()
         (completion,), = generate(model, tok, [ids], params, draft_model=draft, num_draft_tokens=cfg.num_draft_tokens,
                                   draft_schedule=cfg.draft_schedule, stats=stats,
-                                  streamer=TextStream(tok, write, stops))
+                                  streamer=TokenStream(tok, 1, stops, on_text=lambda _, delta: write(delta),
+                                                         halt_when_finished=False))
         seconds += time.perf_counter() - t0
         tokens += len(completion.token_ids)
         write("\n")

@@ -17,7 +17,6 @@ input is checked, and the port bound, before a model is loaded. Needs the `serve
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import os
 import socket
@@ -149,7 +148,6 @@ def bind(host: str, port: int) -> socket.socket:
 def check_inputs(cfg: ServeConfig) -> None:
     """Everything that can be checked without loading a model: paths, adapters, host, the draft model's support."""
     from alignment.modeling import check_model_dir
-    from alignment.sampling import generate
 
     if not cfg.model:
         raise UserError("model: missing; expected a Hugging Face model directory (e.g. --model runs/tiny/dpo/merged)")
@@ -163,11 +161,6 @@ def check_inputs(cfg: ServeConfig) -> None:
         if path and not Path(path, "adapter_config.json").is_file():
             raise UserError(f"{key}: {path}: no adapter_config.json; expected a PEFT LoRA adapter directory")
     if cfg.draft_model:
-        if "draft_model" not in inspect.signature(generate).parameters:
-            raise UserError(
-                "draft_model: this version's sampler (alignment.sampling.generate) has no speculative decoding; "
-                "expected no --draft_model"
-            )
         check_model_dir(cfg.draft_model, "draft_model")
     cfg.host = check_host(cfg.host)
     if cfg.model2:

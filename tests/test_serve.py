@@ -24,7 +24,7 @@ from _post_utils import one_thread  # noqa: F401
 from alignment.cli import main as align
 from alignment.sampling import SamplingParams, generate
 from alignment.serving.arena import append_jsonl
-from alignment.serving.engine import TokenStream, held_back
+from alignment.sampling import TokenStream, held_back
 from alignment.tokens import encode_prompt, encode_text
 
 

@@ -20,15 +20,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams, decode_response, generate
+from ..sampling import Answer, Halt, SamplingParams, TokenStream, generate
 
 
 class Busy(Exception):
     """The admission cap is reached: the request is refused (HTTP 503) instead of queued."""
-
-
-class Halt(Exception):
-    """Raised by the streamer inside `generate` to end it early: every answer is finished, or the client went away."""
 
 
 @dataclass
@@ -41,112 +37,6 @@ class ServedModel:
     tokenizer: object
     stop_ids: list[int]
     context: int
-
-
-@dataclass
-class Answer:
-    """One finished answer: its text (stop string excluded), why it ended, and how many tokens were generated."""
-
-    index: int
-    text: str
-    finish_reason: str
-    tokens: int
-
-
-def cut_at_stop_strings(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the first occurrence of any stop string, and whether one occurred."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many characters at the end of `text` must wait before they are streamed: an incomplete UTF-8 character (the
-    decoder shows it as U+FFFD until its last byte arrives) or what may be the start of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
-
-
-class TokenStream:
-    """A transformers streamer (`put(ids)`, `end()`) over the `n` answers to one prompt.
-
-    It keeps each answer's token ids up to its first stop token, decodes them as the sampler does
-    (`alignment.sampling.decode_response`), ends an answer at the first stop string, and calls `on_text(index, delta)`
-    with the text that can no longer change. `put` raises `Halt` once every answer is finished or `cancelled` is set,
-    which ends the generation there. The first `put` is the prompt (transformers' protocol) and is skipped; after it,
-    a put holds one token per answer (n > 1) or any number of tokens of the only answer (n == 1)."""
-
-    def __init__(
-        self,
-        tokenizer,
-        n: int,
-        stop_ids: list[int],
-        stop_strings=(),
-        on_text=None,
-        cancelled: threading.Event | None = None,
-    ):
-        self.tokenizer, self.n = tokenizer, n
-        self.stop_ids = list(stop_ids)
-        self.stops = [s for s in stop_strings if s]
-        self.on_text = on_text
-        self.cancelled = cancelled or threading.Event()
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.texts = [""] * n
-        self.finish: list[str | None] = [None] * n
-        self.sent = [0] * n
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        """Take the next token(s); raise Halt when there is nothing left to generate."""
-        if self.cancelled.is_set():
-            raise Halt("cancelled")
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        flat = value.reshape(-1).tolist()
-        for i, t in [(0, t) for t in flat] if self.n == 1 else enumerate(flat):
-            self._add(i, int(t))
-        if all(f is not None for f in self.finish):
-            raise Halt("finished")
-
-    def end(self) -> None:
-        """transformers calls this when generation ends; `close` does the work (it runs after a Halt too)."""
-
-    def _add(self, i: int, token: int) -> None:
-        if self.finish[i] is not None:  # padding after a finished answer, or tokens past its stop string
-            return
-        if token in self.stop_ids:
-            self.ids[i].append(token)
-            self.finish[i] = FINISH_STOP
-            self._emit(i, final=True)
-            return
-        self.ids[i].append(token)
-        text = decode_response(self.tokenizer, self.ids[i], self.stop_ids)
-        text, hit = cut_at_stop_strings(text, self.stops)
-        self.texts[i] = text
-        if hit:
-            self.finish[i] = FINISH_STOP
-        self._emit(i, final=hit)
-
-    def _emit(self, i: int, final: bool) -> None:
-        text = self.texts[i]
-        upto = len(text) if final else len(text) - held_back(text, self.stops)
-        if upto > self.sent[i]:
-            delta, self.sent[i] = text[self.sent[i] : upto], upto
-            if self.on_text is not None:
-                self.on_text(i, delta)
-
-    def close(self) -> list[Answer]:
-        """Finish every answer (one still open ran out of max_tokens) and flush what was held back."""
-        for i in range(self.n):
-            if self.finish[i] is None:
-                self.finish[i] = FINISH_LENGTH
-            self._emit(i, final=True)
-        return [Answer(i, self.texts[i], self.finish[i], len(self.ids[i])) for i in range(self.n)]
 
 
 class Job:
