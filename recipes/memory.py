@@ -318,6 +318,8 @@ def cli(argv=None) -> dict:
     """`align memory --config FILE.yaml [--gpu_memory 20GB] [--num_processes N --sharding fsdp] [--key value ...]`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
+        print("usage: align memory --config FILE.yaml [--gpu_memory SIZE] [--num_processes N] [--sharding MODE] "
+              "[--key value ...]\n")
         print(__doc__)
         return {}
     return main(parse_args(argv))
