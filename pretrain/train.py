@@ -441,11 +441,7 @@ def main(cfg: PretrainConfig) -> dict:
         old = Path(resume_path).parent.parent / "metrics.jsonl"
         if old.is_file():
             history = [json.loads(ln) for ln in old.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= ckpt["step"]]
-    if world > 1:  # every rank has read the same state before rank 0 sets up the work directory
-        torch.distributed.barrier()
-    out = run.start() if master else run.work
-    if world > 1:
-        torch.distributed.barrier()
+    out = run.start()  # every rank decides alike; rank 0 sets up the work directory while the others wait
     if master:
         save_config(out, cfg, overrides={"output_dir": cfg.output_dir})
         if ckpt is not None and resume_path.parent != out / "ckpt":  # continuing a finished run: its checkpoint comes along
