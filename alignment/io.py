@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -287,6 +288,21 @@ class StageRun:
         distributed.barrier()
         self.resumed = resume
         return self.work
+
+    def trainer_checkpoint(self) -> str | None:
+        """After start(): the newest Trainer checkpoint of a resumed run (its files checked), or None."""
+        if not self.resumed:
+            return None
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from . import distributed
+
+        checkpoint = get_last_checkpoint(str(self.work))
+        if checkpoint:
+            check_checkpoint_files(checkpoint)
+            if distributed.is_main():
+                print(f"{self.stage}: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+        return checkpoint
 
     def _prepare_work(self, resume: bool) -> None:
         clean_stale_temps(self.final)

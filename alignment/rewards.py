@@ -322,6 +322,49 @@ def needs_reward_model(specs: list[str]) -> bool:
     return any(parse_reward_spec(s)[0] == "model" for s in specs)
 
 
+def check_online_inputs(script: OnlineRLArguments, policy: str | None):
+    """What every online RL stage (ppo, rloo, grpo) checks before it writes anything: the policy and reward model
+    directories, the reward specs, the reward statistics, and that policy and reward model share a tokenizer.
+    Returns (the policy's tokenizer, whether the reward model is one of the rewards)."""
+    from .modeling import check_model_dir, load_tokenizer, same_tokenizer
+
+    if not policy:
+        raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
+    check_model_dir(policy, "model_name_or_path")
+    use_rm = needs_reward_model(script.rewards)
+    if use_rm:
+        check_model_dir(script.reward_model, "reward_model")
+    build_rewards([s for s in script.rewards if not s.startswith("model")], None, script.missing_eos_penalty)  # the specs
+    tok = load_tokenizer(policy)
+    if use_rm:
+        reward_stats(script.reward_model, script.normalize_reward)
+        if not same_tokenizer(tok, load_tokenizer(script.reward_model)):
+            raise UserError(f"reward_model: {script.reward_model}: its tokenizer differs from the policy's ({policy}); "
+                            "expected both stages to use the same tokenizer")
+    return tok, use_rm
+
+
+def online_rewards(script: OnlineRLArguments, use_rm: bool, device) -> list[RewardFunction]:
+    """The reward functions `script.rewards` names, with the reward model loaded on `device` when it is one of them."""
+    rm = RewardModel(script.reward_model, script.normalize_reward, script.reward_load_in_8bit, script.reward_batch_size, device) \
+        if use_rm else None
+    return build_rewards(script.rewards, rm, script.missing_eos_penalty)
+
+
+def trl_online_summary(trainer, result, name: str, seconds: float, checkpoint: str | None) -> dict:
+    """summary.json of a TRL online trainer's run (rloo, grpo): steps, first and last logged rewards, and the curve of
+    each logged step's total reward, each reward's mean and the KL; prints one line."""
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"trainer": type(trainer).__name__.removeprefix("Safe"), "steps": result.global_step, "seconds": round(seconds, 1),
+               "resumed_from": checkpoint, "first_log": logs[0] if logs else None, "last_log": logs[-1] if logs else None,
+               "curve": [{k: v for k, v in h.items() if k in ("step", "reward", "kl") or k.startswith("rewards/")} for h in logs]}
+    if logs:
+        f, last = logs[0], logs[-1]
+        print(f"{name}: {result.global_step} steps in {summary['seconds']}s; reward {f['reward']:+.3f} -> {last['reward']:+.3f}, "
+              f"kl {f.get('kl', float('nan')):.4f} -> {last.get('kl', float('nan')):.4f}")
+    return summary
+
+
 def total_reward(functions: list[RewardFunction], rows: list[dict], completions: list) -> tuple[torch.Tensor, dict]:
     """The weighted sum of the reward functions, (B,), and each function's mean (for logging)."""
     total = torch.zeros(len(completions))

@@ -123,12 +123,11 @@ def main(cfg) -> dict:
     run), save."""
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import distributed, modeling
     from alignment.compat import DPO_LOSS_TYPES, PretokenizedDPOTrainer
     from alignment.data import fingerprint, load_preference_pairs, parse_source, split_holdout, tokenize_preference
-    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
+    from alignment.io import StageRun, atomic_write_json
     from alignment.tokens import tokenizer_hash
 
     script, args, model_args = cfg
@@ -181,11 +180,7 @@ def main(cfg) -> dict:
     run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
                    inputs, "dpo")
     args.output_dir = str(run.start())
-    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
-    if checkpoint:
-        check_checkpoint_files(checkpoint)
-        if distributed.is_main():
-            print(f"dpo: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+    checkpoint = run.trainer_checkpoint()
 
     set_seed(args.seed)  # the seed decides the new weights (LoRA): the same on every process and in every run
     model = modeling.load_model(model_args.model_name_or_path, model_args, "causal", tokenizer, training=True,

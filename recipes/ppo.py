@@ -54,10 +54,9 @@ def main(cfg) -> dict:
     from alignment import distributed
     from alignment.data import encode_prompts, read_prompt_rows
     from alignment.io import StageRun, atomic_dir, atomic_write_json
-    from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, default_device, load_model, load_tokenizer,
-                                    same_tokenizer, save_stage_outputs)
+    from alignment.modeling import (load_config, add_lora, check_model_dir, context_length, default_device, load_model, save_stage_outputs)
     from alignment.ppo import PPO, ValueHead, check_batch_sizes, kl_controller, plot_curves
-    from alignment.rewards import RewardModel, build_rewards, needs_reward_model, reward_stats, total_reward
+    from alignment.rewards import check_online_inputs, online_rewards, total_reward
     from alignment.sampling import stop_token_ids
     from alignment.tracking import Trackers, check_report_to
 
@@ -68,13 +67,7 @@ def main(cfg) -> dict:
     distributed.init()
     main_process = distributed.is_main()
     # -- validate everything before writing anything
-    if not model_args.model_name_or_path:
-        raise UserError("model_name_or_path: expected the SFT model directory (e.g. runs/tiny/sft/merged)")
-    check_model_dir(model_args.model_name_or_path, "model_name_or_path")
-    use_rm = needs_reward_model(cfg.rewards)
-    if use_rm:
-        check_model_dir(cfg.reward_model, "reward_model")
-    build_rewards([s for s in cfg.rewards if not s.startswith("model")], None, cfg.missing_eos_penalty)  # check the specs now
+    tok, use_rm = check_online_inputs(cfg, model_args.model_name_or_path)
     if cfg.value_model != "policy":
         check_model_dir(cfg.value_model, "value_model")
     kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)  # kl_coef < 0 etc.: fail before loading
@@ -82,12 +75,6 @@ def main(cfg) -> dict:
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"kl_estimator: {cfg.kl_estimator!r}; expected 'k1' or 'k3'")
     check_report_to(cfg.report_to)
-    tok = load_tokenizer(model_args.model_name_or_path)
-    if use_rm:
-        reward_stats(cfg.reward_model, cfg.normalize_reward)
-    if use_rm and not same_tokenizer(tok, load_tokenizer(cfg.reward_model)):
-        raise UserError(f"reward_model: {cfg.reward_model}: its tokenizer differs from the policy's ({model_args.model_name_or_path}); "
-                        "expected both stages to use the same tokenizer")
     context = context_length(load_config(model_args.model_name_or_path, "model_name_or_path"))
     rows = read_prompt_rows(cfg.prompts, cfg.max_prompts + cfg.eval_prompts if cfg.max_prompts else None)
     prompts = encode_prompts(tok, rows, context, cfg.response_length, cfg.long_prompts)
@@ -119,8 +106,7 @@ def main(cfg) -> dict:
         trunk = AutoModel.from_pretrained(cfg.value_model, dtype=torch.float32)
         hidden = trunk.config.hidden_size
     value_head = ValueHead(hidden, trunk).to(device)
-    rm = RewardModel(cfg.reward_model, cfg.normalize_reward, cfg.reward_load_in_8bit, cfg.reward_batch_size, device) if use_rm else None
-    rewards = build_rewards(cfg.rewards, rm, cfg.missing_eos_penalty)
+    rewards = online_rewards(cfg, use_rm, device)
     reward_means: dict = {}  # each reward's mean over the last rollout batch, logged as rewards/<name>/mean
 
     def score(rows, completions):

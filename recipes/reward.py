@@ -89,12 +89,11 @@ def main(cfg) -> dict:
     import torch
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import distributed, modeling
     from alignment.compat import RewardTrainer
     from alignment.data import load_preference_pairs, parse_source, split_holdout
-    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
+    from alignment.io import StageRun, atomic_write_json
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -133,11 +132,7 @@ def main(cfg) -> dict:
     run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
                    inputs, "reward")
     args.output_dir = str(run.start())
-    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
-    if checkpoint:
-        check_checkpoint_files(checkpoint)
-        if distributed.is_main():
-            print(f"reward: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+    checkpoint = run.trainer_checkpoint()
 
     # model: 1-output sequence classifier on the input LM (the `score` head starts random and is always trained)
     set_seed(args.seed)  # the seed decides the new weights (head, LoRA): the same on every process and in every run

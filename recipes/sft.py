@@ -43,12 +43,11 @@ def main(cfg) -> dict:
     """Read and check data and model, train with SFTTrainer (resuming a killed run), save adapter + merged."""
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from alignment import distributed, modeling
     from alignment.compat import SFTTrainer
     from alignment.data import load_conversations, parse_source, split_holdout, tokenize_sft
-    from alignment.io import StageRun, atomic_write_json, check_checkpoint_files
+    from alignment.io import StageRun, atomic_write_json
 
     script, args, model_args = cfg
     t0 = time.time()
@@ -90,11 +89,7 @@ def main(cfg) -> dict:
     run = StageRun(output_dir, script.overwrite, fingerprint_config(script, args, model_args, processes=distributed.world_size()),
                    inputs, "sft")
     args.output_dir = str(run.start())
-    checkpoint = get_last_checkpoint(args.output_dir) if run.resumed else None
-    if checkpoint:
-        check_checkpoint_files(checkpoint)
-        if distributed.is_main():
-            print(f"sft: resuming the interrupted run from {checkpoint}", file=sys.stderr)
+    checkpoint = run.trainer_checkpoint()
 
     # model: fp32 on CPU, optional 8/4-bit base + LoRA on attention and MLP projections
     set_seed(args.seed)  # the seed decides the new weights (LoRA): the same on every process and in every run

@@ -208,7 +208,7 @@ def stage_yamls():
 @pytest.mark.parametrize("card,gb", [("gpu16", 16), ("gpu24", 24)])
 def test_gpu_recipes_fit_their_card(card, gb, capsys):
     """Every stage of the chain fits its card by the estimate, and the YAML header states that estimate."""
-    paths = sorted((RECIPES / card).glob("*.yaml"))
+    paths = sorted((RECIPES / card).rglob("*.yaml"))  # gpu16/qwen7b: the 7B class on 16 GB
     assert {cmd.stage_from_header(p) for p in paths} >= {"sft", "reward", "dpo", "ppo", "rloo", "grpo", "eval"}
     for path in paths:
         out, text = run(["--config", str(path)], capsys)
