@@ -37,8 +37,8 @@ def test_reward_learns_passes_gate_and_writes_stats(tiny_model_dir, pref_data, t
     from recipes.reward import to_reward_rows
 
     out = tmp_path / "rm"
-    s = run_reward(tiny_model_dir, pref_data, out, script={"min_eval_accuracy": 0.9, "min_eval_improvement": 0.2}, max_steps=30)
-    assert s["eval_accuracy"] >= 0.9 and s["eval_accuracy"] > s["eval_accuracy_before"] + 0.2 and s["passed"]
+    s = run_reward(tiny_model_dir, pref_data, out, script={"min_eval_accuracy": 0.9, "min_eval_improvement": 0.15}, max_steps=30)
+    assert s["eval_accuracy"] >= 0.9 and s["eval_accuracy"] > s["eval_accuracy_before"] + 0.15 and s["passed"]
     assert s["changed_tensors"] == s["trainable_tensors"]
     merged = out / "merged"
     stats = json.loads((merged / "reward_stats.json").read_text())
