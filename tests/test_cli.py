@@ -82,7 +82,7 @@ def test_yaml_then_command_line_override_and_saved_config(tmp_path, corpus_file)
 
 def test_python_dash_m_entry_point(tmp_path, corpus_file):
     proc = subprocess.run([sys.executable, "-m", "pretrain.tokenizer", "--files", str(corpus_file), "--vocab_size", "300",
-                           "--output_dir", str(tmp_path / "t"), "--reference", "none"], capture_output=True, text=True, timeout=300)
+                           "--output_dir", str(tmp_path / "t"), "--reference", "none"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "t" / "tokenizer.json").is_file()
 

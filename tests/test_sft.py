@@ -92,7 +92,7 @@ def test_cli_bad_input_is_one_line_exit_2_without_output(tiny_model_dir, sft_dat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "alignment.cli", "sft", "--model_name_or_path", str(tmp_path / "missing"),
-                        "--train_data", sft_data[0], "--output_dir", str(out)], capture_output=True, text=True, env=env, timeout=300)
+                        "--train_data", sft_data[0], "--output_dir", str(out)], capture_output=True, text=True, env=env)
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(err) == 1 and "missing: model directory not found" in err[0], r.stderr[-2000:]
     assert not out.exists()
