@@ -156,7 +156,9 @@ def _check_ranges(cfgs, where: str) -> None:
                 check_range(f.name, getattr(cfg, f.name, None), rng, where)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A config YAML as a mapping: one-line errors for a missing or undecodable file, invalid YAML, a non-mapping
+    and an `env:` key."""
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
@@ -216,7 +218,7 @@ def parse_config(dataclass_types, argv=None):
             raise UserError("command line: --config needs a YAML file path")
         path = Path(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
-        data = _read_yaml(path)
+        data = read_yaml(path)
     where = str(path) if data else "config"
     parser = StrictParser(dataclass_types, allow_abbrev=False)
     valid = sorted({a.dest for a in parser._actions if a.dest != "help"})

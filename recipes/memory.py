@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from alignment import memory as mem
+from alignment.config import read_yaml
 from alignment.errors import UserError, exit_on_user_error
 
 RECIPES = Path(__file__).resolve().parent
@@ -52,19 +53,6 @@ class MemoryArgs:
     num_processes: int = 1
     sharding: str = "none"
     overrides: dict = field(default_factory=dict)
-
-
-def read_yaml(path: Path) -> dict:
-    """A stage YAML as a mapping (one-line errors for a missing file, invalid YAML, a non-mapping)."""
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a YAML mapping of config keys")
-    return data
 
 
 def command_line(path: Path) -> str:
